@@ -1,0 +1,23 @@
+"""ccx-addon: a mitmproxy addon that turns mitmdump/mitmweb into an OpenAI Chat Completions
+gateway with channels, model mapping, key pools and failover."""
+
+__version__ = "0.1.0"
+
+
+def make_addons() -> list:
+    """The gateway's addons, in hook order, sharing one state."""
+    from .access import AccessGate
+    from .configstore import ConfigStore
+    from .flowview import FlowView
+    from .gateway import ChatGateway
+    from .modes import ReverseModeDefaults
+    from .state import GatewayState
+
+    state = GatewayState()
+    return [
+        ReverseModeDefaults(),
+        ConfigStore(state),
+        AccessGate(state),
+        ChatGateway(state),
+        FlowView(state),
+    ]

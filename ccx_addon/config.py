@@ -1,0 +1,455 @@
+"""Load and validate the gateway's YAML configuration.
+
+Everything here is pure: `load_config(path, environ)` returns a `GatewayConfig` or raises
+`ConfigError` with one message that names the file, the field path and the line. Secrets
+(keys) never appear in a message: values are not quoted back, only their place.
+"""
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ECHO_BASE_URL = "echo:"
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used. The message is safe to print (no secrets)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """Seconds. `None` disables a limit."""
+
+    connect: float = 10.0
+    # Until the upstream sends response headers. For a non-streaming request that is the
+    # whole generation, so the default is generous.
+    response_headers: float = 300.0
+    # Silence between two reads of a streamed body. Long generations are fine as long as
+    # the upstream keeps sending events (or `: keep-alive` comments).
+    idle: float = 120.0
+    # The whole exchange of a non-streaming request.
+    total: float = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BreakerSettings:
+    consecutive_failures: int = 5
+    window: int = 10
+    failure_ratio: float = 0.5
+    min_samples: int = 5
+    backoff: float = 5.0
+    max_backoff: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel:
+    name: str
+    base_url: str
+    api_keys: tuple[str, ...] = dataclasses.field(repr=False)
+    priority: int = 0
+    enabled: bool = True
+    supported_models: tuple[str, ...] = ()
+    model_mapping: tuple[tuple[str, str], ...] = ()
+    # Only a candidate when no regular channel admits the model (e.g. the echo channel of
+    # the default config, which must not catch failovers from real providers).
+    fallback: bool = False
+    auth_header: str = "bearer"  # or "x-api-key"
+    headers: tuple[tuple[str, str], ...] = ()
+    stream_usage: bool = False
+    cooldown: float = 60.0
+    timeouts: Timeouts = Timeouts()
+    # Why an enabled-looking channel cannot serve (e.g. its key env vars are all empty).
+    inactive_reason: str = ""
+
+    @property
+    def is_echo(self) -> bool:
+        return self.base_url == ECHO_BASE_URL
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and not self.inactive_reason
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+    def key_label(self, index: int) -> str:
+        """A non-secret name for one of the channel's keys."""
+        return f"{self.name}#{index + 1}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayConfig:
+    source: str
+    proxy_access_keys: tuple[str, ...] = dataclasses.field(repr=False)
+    channels: tuple[Channel, ...] = ()
+    breaker: BreakerSettings = BreakerSettings()
+    max_attempts: int = 5
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every key this config holds, for scrubbing text that leaves the gateway."""
+        keys = list(self.proxy_access_keys)
+        for channel in self.channels:
+            keys.extend(channel.api_keys)
+        return tuple(k for k in keys if k)
+
+
+# --- YAML with line numbers -------------------------------------------------------------
+
+
+class _Located:
+    """A parsed value plus where it came from, so that validation can point at a line."""
+
+    __slots__ = ("value", "line")
+
+    def __init__(self, value: Any, line: int) -> None:
+        self.value = value
+        self.line = line
+
+
+def _compose(text: str, source: str) -> _Located:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError(f"{source}: the file is empty")
+        return _to_located(loader, node, source)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f", line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{line}: invalid YAML: {e.problem or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _to_located(loader: yaml.SafeLoader, node: yaml.Node, source: str) -> _Located:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        result: dict[str, _Located] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise ConfigError(
+                    f"{source}, line {key_node.start_mark.line + 1}: keys must be strings"
+                )
+            if key in result:
+                raise ConfigError(
+                    f"{source}, line {key_node.start_mark.line + 1}: duplicate key {key!r}"
+                )
+            result[key] = _to_located(loader, value_node, source)
+        return _Located(result, line)
+    if isinstance(node, yaml.SequenceNode):
+        return _Located([_to_located(loader, n, source) for n in node.value], line)
+    return _Located(loader.construct_object(node, deep=True), line)
+
+
+# --- environment references ----------------------------------------------------------------
+
+
+def expand_env(text: str, environ: Mapping[str, str]) -> str:
+    """Replace `${VAR}` and `${VAR:-default}`. A missing VAR without default raises KeyError(VAR)."""
+
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise KeyError(name)
+            return default
+        return value
+
+    return _ENV_REF.sub(replace, text)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+class _Validator:
+    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
+        self.source = source
+        self.environ = environ
+
+    def fail(self, path: str, item: _Located, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}, line {item.line}, {path}: {problem}")
+
+    def mapping(self, path: str, item: _Located, allowed: set[str]) -> dict[str, _Located]:
+        if not isinstance(item.value, dict):
+            raise self.fail(path, item, f"must be a mapping, not {_kind(item.value)}")
+        unknown = sorted(set(item.value) - allowed)
+        if unknown:
+            field = unknown[0]
+            raise self.fail(
+                f"{path}.{field}" if path else field,
+                item.value[field],
+                f"unknown field (expected one of: {', '.join(sorted(allowed))})",
+            )
+        return item.value
+
+    def string(self, path: str, item: _Located, *, secret: bool = False) -> str:
+        if not isinstance(item.value, str):
+            hint = ""
+            if isinstance(item.value, (bool, int, float)) and not secret:
+                # YAML reads bare on/off/yes/no as booleans and 0123 as numbers.
+                hint = " (put the value in quotes to make it a string)"
+            raise self.fail(path, item, f"must be a string, not {_kind(item.value)}{hint}")
+        try:
+            return expand_env(item.value, self.environ)
+        except KeyError as e:
+            hint = "" if secret else " (or write ${VAR:-default})"
+            raise self.fail(
+                path, item, f"environment variable {e.args[0]} is not set{hint}"
+            ) from None
+
+    def string_list(self, path: str, item: _Located, *, secret: bool = False) -> list[str]:
+        if isinstance(item.value, str):
+            raise self.fail(path, item, "must be a list of strings (write [\"...\"])")
+        if not isinstance(item.value, list):
+            raise self.fail(path, item, f"must be a list, not {_kind(item.value)}")
+        return [
+            self.string(f"{path}[{i}]", sub, secret=secret) for i, sub in enumerate(item.value)
+        ]
+
+    def string_map(self, path: str, item: _Located) -> tuple[tuple[str, str], ...]:
+        if not isinstance(item.value, dict):
+            raise self.fail(path, item, f"must be a mapping, not {_kind(item.value)}")
+        pairs = []
+        for key, sub in item.value.items():
+            if not key:
+                raise self.fail(path, sub, "keys must not be empty")
+            pairs.append((key, self.string(f"{path}.{key}", sub)))
+        return tuple(pairs)
+
+    def boolean(self, path: str, item: _Located) -> bool:
+        value = item.value
+        if isinstance(value, str):
+            value = expand_env(value, self.environ).strip().lower()
+            if value in ("true", "yes", "on", "1"):
+                return True
+            if value in ("false", "no", "off", "0", ""):
+                return False
+        if not isinstance(value, bool):
+            raise self.fail(path, item, f"must be true or false, not {_kind(item.value)}")
+        return value
+
+    def number(
+        self, path: str, item: _Located, *, integer: bool = False, minimum: float = 0,
+        allow_none: bool = False,
+    ) -> Any:
+        value = item.value
+        if value is None and allow_none:
+            return None
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool):
+            kind = "a whole number" if integer else "a number"
+            raise self.fail(path, item, f"must be {kind}, not {_kind(value)}")
+        if value < minimum:
+            raise self.fail(path, item, f"must be at least {minimum}")
+        return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty"
+    return {
+        bool: "a boolean", int: "a number", float: "a number", str: "a string",
+        list: "a list", dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def check_base_url(url: str) -> str | None:
+    """Why `url` cannot be a channel base URL, or None when it can."""
+    if url == ECHO_BASE_URL:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https:// (or be echo:)"
+    if not parts.hostname:
+        return "has no host"
+    try:
+        parts.port
+    except ValueError:
+        return "has an invalid port"
+    if parts.query or parts.fragment:
+        return "must not contain a query or fragment"
+    if parts.path.rstrip("/").endswith("/chat/completions"):
+        return "must be the API root (e.g. https://api.openai.com/v1), not the /chat/completions endpoint"
+    return None
+
+
+_TOP_FIELDS = {"proxy_access_keys", "channels", "circuit_breaker", "max_attempts", "$schema"}
+_CHANNEL_FIELDS = {
+    "name", "base_url", "api_keys", "priority", "enabled", "supported_models",
+    "model_mapping", "fallback", "auth_header", "headers", "stream_usage", "cooldown",
+    "timeouts",
+}
+_TIMEOUT_FIELDS = {f.name for f in dataclasses.fields(Timeouts)}
+_BREAKER_FIELDS = {f.name for f in dataclasses.fields(BreakerSettings)}
+
+
+def parse_config(
+    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    environ = os.environ if environ is None else environ
+    check = _Validator(source, environ)
+    root = _compose(text, source)
+    top = check.mapping("", root, _TOP_FIELDS)
+
+    if "proxy_access_keys" in top:
+        access_keys = check.string_list("proxy_access_keys", top["proxy_access_keys"], secret=True)
+        access_keys = [k for k in access_keys if k]
+        if not access_keys:
+            raise check.fail(
+                "proxy_access_keys", top["proxy_access_keys"],
+                "no key left after expanding environment variables (set PROXY_ACCESS_KEY)",
+            )
+    else:
+        env_key = environ.get("PROXY_ACCESS_KEY", "")
+        if not env_key:
+            raise ConfigError(
+                f"{source}: no proxy access key: set the environment variable "
+                "PROXY_ACCESS_KEY or the proxy_access_keys field"
+            )
+        access_keys = [env_key]
+
+    if "channels" not in top:
+        raise check.fail("channels", root, "missing: list at least one channel")
+    channel_items = top["channels"]
+    if not isinstance(channel_items.value, list) or not channel_items.value:
+        raise check.fail("channels", channel_items, "must be a non-empty list of channels")
+
+    channels = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(channel_items.value):
+        channel = _parse_channel(check, f"channels[{index}]", item, index)
+        if channel.name in seen:
+            raise check.fail(
+                f"channels[{index}].name", item.value["name"],
+                f"duplicate channel name {channel.name!r} (first at channels[{seen[channel.name]}])",
+            )
+        seen[channel.name] = index
+        channels.append(channel)
+
+    breaker = BreakerSettings()
+    if "circuit_breaker" in top:
+        fields = check.mapping("circuit_breaker", top["circuit_breaker"], _BREAKER_FIELDS)
+        values = {}
+        for name, sub in fields.items():
+            integer = name in ("consecutive_failures", "window", "min_samples")
+            values[name] = check.number(f"circuit_breaker.{name}", sub, integer=integer, minimum=1 if integer else 0)
+        breaker = dataclasses.replace(breaker, **values)
+        if breaker.failure_ratio > 1:
+            raise check.fail("circuit_breaker.failure_ratio", fields["failure_ratio"], "must be between 0 and 1")
+
+    max_attempts = 5
+    if "max_attempts" in top:
+        max_attempts = check.number("max_attempts", top["max_attempts"], integer=True, minimum=1)
+
+    return GatewayConfig(
+        source=source,
+        proxy_access_keys=tuple(access_keys),
+        channels=tuple(sorted(channels, key=lambda c: c.priority)),
+        breaker=breaker,
+        max_attempts=max_attempts,
+    )
+
+
+def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> Channel:
+    fields = check.mapping(path, item, _CHANNEL_FIELDS)
+    for required in ("name", "base_url"):
+        if required not in fields:
+            raise check.fail(path, item, f"missing required field {required!r}")
+
+    name = check.string(f"{path}.name", fields["name"])
+    if not _CHANNEL_NAME.match(name):
+        raise check.fail(
+            f"{path}.name", fields["name"],
+            "must start with a letter or digit and use only letters, digits, _ . -",
+        )
+    base_url = check.string(f"{path}.base_url", fields["base_url"]).strip()
+    if problem := check_base_url(base_url):
+        raise check.fail(f"{path}.base_url", fields["base_url"], problem)
+
+    inactive_reason = ""
+    api_keys: list[str] = []
+    if base_url != ECHO_BASE_URL:
+        if "api_keys" not in fields:
+            raise check.fail(path, item, "missing required field 'api_keys'")
+        written = check.string_list(f"{path}.api_keys", fields["api_keys"], secret=True)
+        if not written:
+            raise check.fail(f"{path}.api_keys", fields["api_keys"], "must list at least one key")
+        api_keys = [k.strip() for k in written if k.strip()]
+        if not api_keys:
+            # Keys written as ${VAR:-} with VAR unset: the channel stays configured but idle,
+            # which is how the default config offers providers the user has no key for yet.
+            inactive_reason = "no API key set (every entry of api_keys expanded to empty)"
+    elif "api_keys" in fields:
+        raise check.fail(f"{path}.api_keys", fields["api_keys"], "the echo: channel takes no keys")
+
+    channel = Channel(
+        name=name,
+        base_url=base_url,
+        api_keys=tuple(api_keys),
+        priority=index,
+        inactive_reason=inactive_reason,
+    )
+    changes: dict[str, Any] = {}
+    if "priority" in fields:
+        changes["priority"] = check.number(f"{path}.priority", fields["priority"], integer=True, minimum=-(10**9))
+    for flag in ("enabled", "fallback", "stream_usage"):
+        if flag in fields:
+            changes[flag] = check.boolean(f"{path}.{flag}", fields[flag])
+    if "supported_models" in fields:
+        patterns = check.string_list(f"{path}.supported_models", fields["supported_models"])
+        for i, pattern in enumerate(patterns):
+            if not pattern.lstrip("!"):
+                raise check.fail(f"{path}.supported_models[{i}]", fields["supported_models"].value[i], "empty pattern")
+        changes["supported_models"] = tuple(patterns)
+    if "model_mapping" in fields:
+        changes["model_mapping"] = check.string_map(f"{path}.model_mapping", fields["model_mapping"])
+        for key, target in changes["model_mapping"]:
+            if not target:
+                raise check.fail(f"{path}.model_mapping.{key}", fields["model_mapping"].value[key], "maps to an empty model name")
+    if "auth_header" in fields:
+        auth = check.string(f"{path}.auth_header", fields["auth_header"]).lower()
+        if auth not in ("bearer", "x-api-key"):
+            raise check.fail(f"{path}.auth_header", fields["auth_header"], "must be bearer or x-api-key")
+        changes["auth_header"] = auth
+    if "headers" in fields:
+        headers = check.string_map(f"{path}.headers", fields["headers"])
+        for key, _ in headers:
+            if key.lower() in ("authorization", "x-api-key", "host", "content-length"):
+                raise check.fail(f"{path}.headers.{key}", fields["headers"].value[key], "is set by the gateway and cannot be overridden")
+        changes["headers"] = headers
+    if "cooldown" in fields:
+        changes["cooldown"] = check.number(f"{path}.cooldown", fields["cooldown"])
+    if "timeouts" in fields:
+        sub = check.mapping(f"{path}.timeouts", fields["timeouts"], _TIMEOUT_FIELDS)
+        values = {
+            name: check.number(f"{path}.timeouts.{name}", value, allow_none=True)
+            for name, value in sub.items()
+        }
+        changes["timeouts"] = dataclasses.replace(Timeouts(), **values)
+    return dataclasses.replace(channel, **changes)
+
+
+def load_config(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: cannot read config file: {e}") from None
+    return parse_config(text, source, environ)

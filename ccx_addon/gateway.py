@@ -1,0 +1,162 @@
+"""`POST /v1/chat/completions`: parse, route, forward with failover, hand the answer to
+mitmproxy (buffered answers directly, streams over the loopback hand-over)."""
+
+import asyncio
+import logging
+import time
+from urllib.parse import urlsplit
+
+from mitmproxy import http
+from mitmproxy.connection import ConnectionState
+
+from .access import model_not_found_message
+from .body import BodyError, parse_chat_request
+from .errors import error_response
+from .forwarding import Forwarder, ForwardResult
+from .handover import TOKEN_HEADER, HandoverServer, PendingStream
+from .routing import plan_routes
+from .state import SECRET_MASK, FlowRecord, GatewayState
+from .upstream import UpstreamClient, upstream_request_headers
+
+logger = logging.getLogger(__name__)
+
+# How often a pending upstream request checks whether its client is still connected.
+CLIENT_CHECK_INTERVAL = 0.25
+
+
+def client_gone(flow: http.HTTPFlow) -> bool:
+    return not (flow.client_conn.state & ConnectionState.CAN_READ)
+
+
+class ChatGateway:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self.client = UpstreamClient()
+        self.handover = HandoverServer()
+        self.forwarder = Forwarder(self.client)
+
+    async def running(self) -> None:
+        await self.handover.start()
+
+    async def done(self) -> None:
+        await self.handover.stop()
+        await self.client.close()
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        record = self.state.records.get(flow)
+        if record is None or flow.response or record.endpoint != "chat":
+            return
+        config, health = self.state.config, self.state.health
+        try:
+            chat = parse_chat_request(flow.request.content or b"")
+        except BodyError as e:
+            self.reject(flow, record, 400, str(e), e.code, e.param)
+            return
+        record.requested_model = chat.model
+        record.stream = chat.stream
+
+        plan = plan_routes(config, chat.model)
+        if not plan.routes:
+            self.reject(flow, record, 404, model_not_found_message(chat.model, plan.describe_skipped()),
+                        "model_not_found", "model")
+            return
+
+        await self.handover.start()
+        forward = asyncio.ensure_future(self.forwarder.forward(
+            config, health, plan, chat, flow.request.raw_content or b"", flow.request.headers.items(multi=True),
+        ))
+        while True:
+            done, _ = await asyncio.wait((forward,), timeout=CLIENT_CHECK_INTERVAL)
+            if done:
+                break
+            if client_gone(flow):
+                # Nobody is waiting for this answer: stop the upstream generation now.
+                forward.cancel()
+                record.client_gone = True
+                flow.kill()
+                return
+        result = forward.result()
+        record.result = result
+        self.show_upstream_request(flow, result)
+        if result.stream is not None:
+            self.hand_over(flow, record, result)
+        else:
+            self.respond(flow, result)
+
+    def reject(self, flow, record: FlowRecord, status, message, code, param=None) -> None:
+        record.rejected = code
+        flow.response = error_response(status, message, "invalid_request_error", code, param)
+
+    def show_upstream_request(self, flow: http.HTTPFlow, result: ForwardResult) -> None:
+        """Make the flow show the request as the serving upstream received it, with keys masked."""
+        if result.route is None or result.route.channel.is_echo:
+            return
+        channel = result.route.channel
+        flow.request.url = result.upstream_url
+        headers = upstream_request_headers(flow.request.headers.items(multi=True), channel, SECRET_MASK)
+        flow.request.headers = _headers(headers.items())
+        flow.request.host_header = urlsplit(result.upstream_url).netloc
+        flow.request.raw_content = result.sent_body
+        if "content-length" in flow.request.headers or result.sent_body:
+            flow.request.headers["content-length"] = str(len(result.sent_body))
+
+    def respond(self, flow: http.HTTPFlow, result: ForwardResult) -> None:
+        body = result.body or b""
+        if not result.ok:
+            body = self.state.scrub(body)
+        headers = [(k, v) for k, v in result.headers if k.lower() != "content-length"]
+        headers.append(("content-length", str(len(body))))
+        headers.extend(gateway_headers(result))
+        now = time.time()
+        flow.response = http.Response(
+            http_version=flow.request.http_version.encode() if flow.request.http_version.startswith("HTTP/1") else b"HTTP/1.1",
+            status_code=result.status,
+            reason=(result.reason or "").encode(),
+            headers=_headers(headers),
+            content=body,
+            trailers=None,
+            timestamp_start=now,
+            timestamp_end=now,
+        )
+
+    def hand_over(self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult) -> None:
+        route = result.route
+        health = self.state.health
+
+        def on_end(failure: str | None) -> None:
+            record.stream_failure = failure
+            if failure and "upstream" in failure:
+                health.breakers[route.channel.name].record(False, time.time())
+
+        token = self.handover.register(PendingStream(
+            response=result.stream,
+            status=result.status,
+            reason=result.reason,
+            headers=result.headers + gateway_headers(result),
+            idle_timeout=route.channel.timeouts.idle,
+            on_end=on_end,
+        ))
+        record.handover_token = token
+        # Retarget to the hand-over server; the Host header keeps naming the upstream.
+        upstream_host = flow.request.host_header
+        flow.request.scheme = "http"
+        flow.request.host = "127.0.0.1"
+        flow.request.port = self.handover.port
+        flow.request.host_header = upstream_host
+        flow.request.headers[TOKEN_HEADER] = token
+
+
+def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:
+    """Non-secret response headers that tell a client (or curl user) who served it."""
+    if result.route is None:
+        return [("x-ccx-attempts", str(sum(1 for a in result.attempts if not a.outcome.startswith("skipped"))))]
+    tries = sum(1 for a in result.attempts if not a.outcome.startswith("skipped"))
+    return [
+        ("x-ccx-channel", result.route.channel.name),
+        ("x-ccx-upstream-model", result.route.upstream_model),
+        ("x-ccx-attempts", str(tries)),
+    ]
+
+
+def _headers(pairs) -> http.Headers:
+    return http.Headers([(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape")) for k, v in pairs])

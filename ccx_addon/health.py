@@ -1,0 +1,161 @@
+"""Upstream health: per-key cooldowns and disables, per-channel circuit breakers.
+
+Pure state machines driven by an explicit `now`, so tests step time instead of sleeping.
+"""
+
+import collections
+import dataclasses
+
+from .config import BreakerSettings, Channel, GatewayConfig
+
+
+@dataclasses.dataclass
+class KeyState:
+    cooling_until: float = 0.0
+    disabled: str = ""  # why; only a reload or restart brings the key back
+
+
+class KeyPool:
+    """A channel's upstream keys, handed out round robin among the healthy ones."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        # The echo channel has no key but still needs one slot to be picked.
+        self.states = [KeyState() for _ in channel.api_keys or ("",)]
+        self._next = 0
+
+    def pick(self, now: float, tried: set[int]) -> tuple[int | None, str]:
+        """The next usable key index, or None and why none is usable."""
+        count = len(self.states)
+        for step in range(count):
+            index = (self._next + step) % count
+            state = self.states[index]
+            if index in tried or state.disabled or state.cooling_until > now:
+                continue
+            self._next = (index + 1) % count
+            return index, ""
+        return None, self.describe_unusable(now, tried)
+
+    def describe_unusable(self, now: float, tried: set[int]) -> str:
+        reasons = []
+        for index, state in enumerate(self.states):
+            label = self.channel.key_label(index)
+            if index in tried:
+                continue
+            if state.disabled:
+                reasons.append(f"key {label} disabled ({state.disabled})")
+            elif state.cooling_until > now:
+                reasons.append(f"key {label} cooling down for {state.cooling_until - now:.0f}s")
+        return "; ".join(reasons) or "every key already tried"
+
+    def soonest_ready(self, now: float) -> float | None:
+        times = [s.cooling_until for s in self.states if not s.disabled and s.cooling_until > now]
+        usable_now = any(not s.disabled and s.cooling_until <= now for s in self.states)
+        if usable_now:
+            return now
+        return min(times) if times else None
+
+    def cool_down(self, index: int, seconds: float, now: float) -> None:
+        state = self.states[index]
+        state.cooling_until = max(state.cooling_until, now + seconds)
+
+    def disable(self, index: int, reason: str) -> None:
+        self.states[index].disabled = reason
+
+
+class CircuitBreaker:
+    """Opens after repeated failures, lets one probe through after a back-off that doubles
+    while probes keep failing, closes on success."""
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+    def __init__(self, settings: BreakerSettings) -> None:
+        self.settings = settings
+        self.state = self.CLOSED
+        self.results: collections.deque[bool] = collections.deque(maxlen=settings.window)
+        self.consecutive_failures = 0
+        self.open_until = 0.0
+        self.backoff = settings.backoff
+        self.probe_in_flight = False
+
+    def allow(self, now: float) -> bool:
+        if self.state == self.CLOSED:
+            return True
+        if self.state == self.OPEN and now >= self.open_until:
+            self.state = self.HALF_OPEN
+            self.probe_in_flight = False
+        if self.state == self.HALF_OPEN and not self.probe_in_flight:
+            self.probe_in_flight = True
+            return True
+        return False
+
+    def describe(self, now: float) -> str:
+        if self.state == self.OPEN:
+            return f"circuit open after repeated failures, next probe in {max(0.0, self.open_until - now):.0f}s"
+        return "circuit half-open, a probe request is in flight"
+
+    def retry_at(self, now: float) -> float:
+        return self.open_until if self.state == self.OPEN else now + 1.0
+
+    def record(self, success: bool, now: float) -> None:
+        if self.state == self.HALF_OPEN:
+            self.probe_in_flight = False
+            if success:
+                self._close()
+            else:
+                self.backoff = min(self.backoff * 2, self.settings.max_backoff)
+                self._open(now)
+            return
+        self.results.append(success)
+        if success:
+            self.consecutive_failures = 0
+            return
+        self.consecutive_failures += 1
+        failures = self.results.count(False)
+        if self.consecutive_failures >= self.settings.consecutive_failures or (
+            len(self.results) >= self.settings.min_samples
+            and failures / len(self.results) >= self.settings.failure_ratio
+        ):
+            self._open(now)
+
+    def release_probe(self) -> None:
+        """A probe ended without a verdict (the client left): let another one through."""
+        if self.state == self.HALF_OPEN:
+            self.probe_in_flight = False
+
+    def _open(self, now: float) -> None:
+        self.state = self.OPEN
+        self.open_until = now + self.backoff
+
+    def _close(self) -> None:
+        self.state = self.CLOSED
+        self.results.clear()
+        self.consecutive_failures = 0
+        self.backoff = self.settings.backoff
+
+
+class HealthRegistry:
+    """Key pools and breakers for one loaded config; rebuilt when the config changes, which
+    is also what brings disabled keys back."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.pools = {c.name: KeyPool(c) for c in config.channels}
+        self.breakers = {c.name: CircuitBreaker(config.breaker) for c in config.channels}
+
+    def snapshot(self, now: float) -> dict[str, dict]:
+        """Non-secret health state per channel, for /health and the ccx.health command."""
+        out = {}
+        for name, pool in self.pools.items():
+            breaker = self.breakers[name]
+            out[name] = {
+                "circuit": breaker.state,
+                "keys": [
+                    {
+                        "key": pool.channel.key_label(i),
+                        "disabled": s.disabled or None,
+                        "cooling_for_s": round(s.cooling_until - now, 1) if s.cooling_until > now else 0,
+                    }
+                    for i, s in enumerate(pool.states)
+                ],
+            }
+        return out

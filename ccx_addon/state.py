@@ -1,0 +1,53 @@
+"""State shared by the gateway's addons: the config in force, upstream health, and what the
+gateway knows about each flow (kept off the flow so nothing unserializable is saved)."""
+
+import dataclasses
+import time
+import weakref
+
+from mitmproxy import http
+
+from .config import GatewayConfig
+from .forwarding import ForwardResult
+from .health import HealthRegistry
+from .sse import StreamCapture
+
+# The fixed text that replaces every credential the flow view would otherwise show.
+SECRET_MASK = "[ccx: redacted]"
+
+
+@dataclasses.dataclass
+class FlowRecord:
+    started: float = dataclasses.field(default_factory=time.time)
+    endpoint: str = ""
+    requested_model: str = ""
+    stream: bool = False
+    rejected: str = ""  # the error code when the gateway answered the request itself
+    result: ForwardResult | None = None
+    handover_token: str = ""
+    capture: StreamCapture | None = None
+    stream_failure: str | None = None
+    client_gone: bool = False
+
+
+class GatewayState:
+    def __init__(self) -> None:
+        self.config: GatewayConfig | None = None
+        self.health: HealthRegistry | None = None
+        self.records: weakref.WeakKeyDictionary[http.HTTPFlow, FlowRecord] = weakref.WeakKeyDictionary()
+
+    def install(self, config: GatewayConfig) -> None:
+        """Put a new config in force. Requests in flight keep the objects they started with."""
+        self.config = config
+        self.health = HealthRegistry(config)
+
+    def scrub(self, data: bytes) -> bytes:
+        """`data` with every configured key replaced by the mask (for upstream error bodies,
+        which sometimes echo the key they were sent)."""
+        if self.config is None:
+            return data
+        for secret in self.config.secrets:
+            encoded = secret.encode()
+            if encoded in data:
+                data = data.replace(encoded, SECRET_MASK.encode())
+        return data

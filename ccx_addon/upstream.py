@@ -1,0 +1,232 @@
+"""Talking to upstreams: the HTTP client, the headers sent, and what an answer means.
+
+The addon sends upstream requests itself (instead of letting mitmproxy forward the flow)
+because only then can a failed attempt be retried on another channel before any byte
+reaches the client; see shared/notes/mitmproxy.md, "Failover: the limit".
+"""
+
+import asyncio
+import dataclasses
+import email.utils
+import json
+from collections.abc import Iterable
+
+import aiohttp
+
+from .config import Channel
+
+# Never forwarded: connection-level headers, and the client's credentials.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "accept-encoding"}
+
+
+def upstream_request_headers(
+    client_headers: Iterable[tuple[str, str]], channel: Channel, key: str
+) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in client_headers:
+        lower = name.lower()
+        if lower in _NOT_FORWARDED or lower.startswith("x-ccx-"):
+            continue
+        headers[name] = value
+    for name, value in channel.headers:
+        headers[name] = value
+    # SSE must stay readable event by event, and the flow view shows plain text.
+    headers["Accept-Encoding"] = "identity"
+    if channel.auth_header == "x-api-key":
+        headers["x-api-key"] = key
+    else:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def response_headers_for_client(headers: Iterable[tuple[str, str]], streamed: bool) -> list[tuple[str, str]]:
+    """Upstream response headers minus those that describe the upstream connection."""
+    dropped = HOP_BY_HOP | ({"content-length"} if streamed else set())
+    return [(k, v) for k, v in headers if k.lower() not in dropped]
+
+
+def parse_retry_after(headers: dict[str, str], now: float) -> float | None:
+    """Seconds to wait, from `retry-after-ms` or `retry-after` (seconds or HTTP date)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if value := lowered.get("retry-after-ms"):
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    if value := lowered.get("retry-after"):
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return None
+            return max(0.0, when.timestamp() - now)
+    return None
+
+
+# Words upstreams use when a key's balance or quota is gone, not just rate-limited. GLM
+# answers 429 for both (code 1113 means no balance); OpenAI says insufficient_quota.
+_EXHAUSTED_MARKERS = (
+    "insufficient_quota", "insufficient balance", "insufficient_balance", "quota exceeded",
+    "exceeded your current quota", "余额", "欠费", '"1113"',
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What to do with an upstream answer."""
+
+    action: str  # "serve" | "next_key" | "next_channel"
+    reason: str = ""
+    key_penalty: str = ""  # "cooldown" | "disable" | ""
+    channel_failure: bool = False  # counts against the channel's circuit breaker
+
+
+def judge_status(status: int, body: bytes) -> Verdict:
+    if 200 <= status < 300:
+        if problem := error_in_success_body(body):
+            return Verdict("next_channel", f"200 with an error body: {problem}", channel_failure=True)
+        return Verdict("serve")
+    text = body[:4096].decode("utf-8", "replace").lower()
+    if status == 429:
+        if any(m in text for m in _EXHAUSTED_MARKERS):
+            return Verdict("next_key", "429 quota or balance exhausted", key_penalty="disable")
+        return Verdict("next_key", "429 rate limited", key_penalty="cooldown")
+    if status in (401, 403):
+        return Verdict("next_key", f"{status} key rejected", key_penalty="disable")
+    if status == 402:
+        return Verdict("next_key", "402 payment required", key_penalty="disable")
+    if status == 408 or status >= 500:
+        return Verdict("next_channel", f"{status} {_short_message(body)}".strip(), channel_failure=True)
+    # 400-class request errors: another channel would reject the request too.
+    return Verdict("serve")
+
+
+def error_in_success_body(body: bytes) -> str | None:
+    """Providers that report errors with HTTP 200 (MiniMax's base_resp, some proxies'
+    `{"error": ...}`): the message, or None for a real success."""
+    stripped = body.lstrip()
+    if not stripped.startswith(b"{"):
+        return None
+    try:
+        data = json.loads(stripped)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(error := data.get("error"), (dict, str)) and "choices" not in data:
+        return _message_of(error)
+    base = data.get("base_resp")
+    if isinstance(base, dict) and base.get("status_code") not in (0, None, "0"):
+        return f"{base.get('status_msg') or 'error'} (code {base.get('status_code')})"
+    return None
+
+
+def _message_of(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("code") or "error")
+    return str(error)
+
+
+def _short_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        text = body[:120].decode("utf-8", "replace").strip()
+        return text.split("\n", 1)[0][:80] if text and not text.startswith("<") else ""
+    if isinstance(data, dict) and "error" in data:
+        return _message_of(data["error"])[:160]
+    return ""
+
+
+class UpstreamError(Exception):
+    """An attempt that produced no HTTP answer."""
+
+    def __init__(self, reason: str, timeout: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.timeout = timeout
+
+
+class UpstreamClient:
+    """One pooled aiohttp session on mitmproxy's event loop."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                # Upstreams are reached directly: an ambient HTTP(S)_PROXY must not
+                # silently reroute requests that carry provider keys.
+                trust_env=False,
+            )
+        return self._session
+
+    async def open(
+        self, channel: Channel, headers: dict[str, str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """Send the request; return once response headers arrived."""
+        timeouts = channel.timeouts
+        session = self._ensure_session()
+        try:
+            async with asyncio.timeout(timeouts.response_headers):
+                return await session.post(
+                    channel.chat_url,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, connect=timeouts.connect, sock_read=None
+                    ),
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                f"no response headers within {timeouts.response_headers:g}s", timeout=True
+            ) from None
+        except aiohttp.ServerTimeoutError as e:
+            raise UpstreamError(f"connect timeout after {timeouts.connect:g}s", timeout=True) from e
+        except aiohttp.ClientConnectorError as e:
+            raise UpstreamError(f"cannot connect: {_os_reason(e)}") from None
+        except aiohttp.ServerDisconnectedError:
+            raise UpstreamError("connection closed before response headers") from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError(f"connection failed: {type(e).__name__}: {e}".rstrip(": ")) from None
+
+    @staticmethod
+    async def read_body(response: aiohttp.ClientResponse, timeout: float | None, limit: int) -> bytes:
+        """The whole body (up to `limit` bytes), or UpstreamError."""
+        try:
+            async with asyncio.timeout(timeout):
+                body = bytearray()
+                while chunk := await response.content.read(65536):
+                    body += chunk
+                    if len(body) > limit:
+                        raise UpstreamError(f"response body larger than {limit} bytes")
+                return bytes(body)
+        except TimeoutError:
+            raise UpstreamError(f"response body not complete within {timeout:g}s", timeout=True) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError(f"connection broke while reading the body: {type(e).__name__}") from None
+        finally:
+            response.release()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _os_reason(error: aiohttp.ClientConnectorError) -> str:
+    os_error = error.os_error
+    text = getattr(os_error, "strerror", None) or str(os_error) or type(os_error).__name__
+    return f"{text} ({error.host}:{error.port})"
+
