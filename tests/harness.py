@@ -97,6 +97,9 @@ class InProcessGateway:
 
         options = Options()
         self.master = DumpMaster(options, with_termlog=False, with_dumper=False)
+        # errorcheck exits on any error logged during start-up, process-wide: in a test
+        # session that includes other tests' noise. Start-up errors are tested via mitmdump.
+        self.master.addons.remove(self.master.addons.get("errorcheck"))
         self.addons = ccx_addon.make_addons()
         self.master.addons.add(*self.addons, self.collector)
         options.update(ccx_config=str(self.config_path), **self.options)
@@ -131,8 +134,19 @@ class InProcessGateway:
             deadline = time.time() + 10
             while not self._run.done() and time.time() < deadline:
                 time.sleep(0.02)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+
+        async def cancel_leftovers():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_leftovers(), self.loop).result(10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
 
 
 class SubprocessGateway:
