@@ -14,6 +14,7 @@ from .config import GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
 from .health import HealthRegistry
+from .redact import scrub_text
 from .routing import Route, RoutePlan
 from .sse import completion_to_events, is_event_stream
 from .upstream import (
@@ -168,7 +169,8 @@ class Forwarder:
                     break
 
                 verdict = judge_status(status, answer)
-                attempt.outcome = verdict.reason or str(status)
+                # The reason may quote the upstream's message, which may quote the key.
+                attempt.outcome = scrub_text(verdict.reason or str(status), config.secrets)
                 result = ForwardResult(
                     status, response.reason or "", response_headers_for_client(upstream_headers, False),
                     body=answer, route=route, key_label=label, upstream_url=channel.chat_url,

@@ -10,10 +10,10 @@ from mitmproxy import http
 from .config import GatewayConfig
 from .forwarding import ForwardResult
 from .health import HealthRegistry
+from .redact import SECRET_MASK, scrub_bytes
 from .sse import StreamCapture
 
-# The fixed text that replaces every credential the flow view would otherwise show.
-SECRET_MASK = "[ccx: redacted]"
+__all__ = ["SECRET_MASK", "FlowRecord", "GatewayState"]
 
 
 @dataclasses.dataclass
@@ -42,12 +42,4 @@ class GatewayState:
         self.health = HealthRegistry(config)
 
     def scrub(self, data: bytes) -> bytes:
-        """`data` with every configured key replaced by the mask (for upstream error bodies,
-        which sometimes echo the key they were sent)."""
-        if self.config is None:
-            return data
-        for secret in self.config.secrets:
-            encoded = secret.encode()
-            if encoded in data:
-                data = data.replace(encoded, SECRET_MASK.encode())
-        return data
+        return data if self.config is None else scrub_bytes(data, self.config.secrets)

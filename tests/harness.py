@@ -153,13 +153,16 @@ class SubprocessGateway:
     """`mitmdump -s ccx_addon/addon.py` (or mitmweb) as a user starts it."""
 
     def __init__(self, config_path: Path, workdir: Path, *args: str, tool: str = "mitmdump",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, argv: list[str] | None = None,
+                 port: int | None = None) -> None:
+        """`argv` replaces the default command line (then pass the `port` it listens on)."""
+        self.argv = argv
         self.config_path = config_path
         self.workdir = workdir
         self.args = list(args)
         self.tool = tool
         self.env = env
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = workdir / f"{tool}-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
@@ -168,6 +171,8 @@ class SubprocessGateway:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
+        if self.argv is not None:
+            return self.argv
         return [
             str(BIN / self.tool), "-s", str(ADDON),
             "--set", f"ccx_listen=127.0.0.1:{self.port}",
