@@ -107,9 +107,11 @@ class ChatGateway:
         headers = [(k, v) for k, v in result.headers if k.lower() != "content-length"]
         headers.append(("content-length", str(len(body))))
         headers.extend(gateway_headers(result))
+        if result.origin == "gateway":
+            headers.append(("x-ccx-gateway", "local"))
         now = time.time()
         flow.response = http.Response(
-            http_version=flow.request.http_version.encode() if flow.request.http_version.startswith("HTTP/1") else b"HTTP/1.1",
+            http_version=b"HTTP/1.1",
             status_code=result.status,
             reason=(result.reason or "").encode(),
             headers=_headers(headers),
