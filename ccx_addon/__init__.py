@@ -8,6 +8,8 @@ def make_addons() -> list:
     """The gateway's addons, in hook order, sharing one state."""
     from .access import AccessGate
     from .configstore import ConfigStore
+    from .explain import Explain
+    from .flowlist import CommentColumn, FlowLimit
     from .flowview import FlowView
     from .gateway import ChatGateway
     from .modes import ReverseModeDefaults
@@ -20,4 +22,7 @@ def make_addons() -> list:
         AccessGate(state),
         ChatGateway(state),
         FlowView(state),
+        CommentColumn(),
+        FlowLimit(),
+        Explain(state),
     ]

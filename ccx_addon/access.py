@@ -112,6 +112,14 @@ class AccessGate:
         if record and not flow.response and len(flow.request.raw_content or b"") > self.max_body_size:
             self.reject_too_large(flow, record)
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy sends an addon-made body even to HEAD, and the client then reads that
+        # body as the next response on the connection. Keep the length, drop the body.
+        if flow.request.method.upper() == "HEAD" and flow.response and flow.response.raw_content:
+            length = len(flow.response.raw_content)
+            flow.response.raw_content = b""
+            flow.response.headers["content-length"] = str(length)
+
     def reject_too_large(self, flow: http.HTTPFlow, record: FlowRecord) -> None:
         self.reject(
             flow, record, 413,

@@ -21,7 +21,9 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return json.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}},
         ensure_ascii=False,
-    ).encode()
+        # A message may quote a method, path or model holding lone surrogates (undecodable
+        # bytes, or a JSON "\ud800"): they become JSON escapes instead of an encoding error.
+    ).encode("utf-8", "backslashreplace")
 
 
 def json_response(

@@ -2,77 +2,34 @@
 which attempt served it, keeps its streamed body, and shows the upstream URL."""
 
 import logging
-import time
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.utils import human
 
+# The comment, its marker and the summary line are built in flowsummary (pure code).
+from .flowsummary import (  # noqa: F401 (the markers are re-exported)
+    MARK_FAILOVER, MARK_REJECTED, MARK_UPSTREAM_ERROR, TimedStreamCapture, comment_for, judge, measure,
+    Timing, session_label, summary_line,
+)
+from .gateway import client_gone, header_value
 from .handover import TOKEN_HEADER
-from .sse import StreamCapture, find_usage
+from .redact import scrub_text
+from .sse import find_usage
 from .state import FlowRecord, GatewayState
 
 logger = logging.getLogger(__name__)
 
-# mitmweb renders these shortcodes as coloured dots in the flow list.
-MARK_FAILOVER = ":yellow_circle:"
-MARK_REJECTED = ":orange_circle:"
-MARK_UPSTREAM_ERROR = ":red_circle:"
-
-
-def tries_of(record: FlowRecord) -> list:
-    if record.result is None:
-        return []
-    return [a for a in record.result.attempts if not a.outcome.startswith("skipped")]
+# A request header added to the flow view only (after the upstream request was sent): the
+# flow shows the request as sent upstream, so this keeps the client's model next to it.
+REQUESTED_MODEL_HEADER = "x-ccx-requested-model"
 
 
 def describe(record: FlowRecord, status: int | None, error: str = "") -> tuple[str, str]:
-    """(comment, marker) for a flow: one line a user can read and filter with ~comment."""
-    if record.rejected:
-        return f"ccx rejected: {status} {record.rejected}", MARK_REJECTED
-    if record.endpoint != "chat":
-        return f"ccx local: {record.endpoint}", ""
-    result = record.result
-    parts = []
-    marker = ""
-    if result is None:
-        if record.client_gone:
-            return f"ccx {record.requested_model} | client disconnected before any answer", MARK_UPSTREAM_ERROR
-        return f"ccx {record.requested_model} | {error or 'no answer'}", MARK_UPSTREAM_ERROR
-
-    tries = tries_of(record)
-    earlier = [a for a in result.attempts[:-1]] if result.route else result.attempts
-    why = "; ".join(f"{a.channel} ({a.key}): {a.outcome}" for a in earlier)
-    if result.route is not None:
-        route = result.route
-        parts.append(f"ccx {route.channel.name} ({result.key_label})")
-        parts.append(f"{record.requested_model} → {route.upstream_model}")
-        parts.append(f"attempt {len(tries)}/{max(len(tries), result.candidates)}" + (f" after {why}" if why else ""))
-    else:
-        parts.append("ccx failed")
-        parts.append(record.requested_model)
-        parts.append(f"tried {why}")
-    parts.append(str(status if status is not None else result.status) + (" stream" if record.stream else ""))
-    if error:
-        parts.append(error)
-    if record.stream_failure:
-        parts.append(f"stream ended early: {record.stream_failure}")
-
-    if error or record.stream_failure or not result.ok:
-        marker = MARK_UPSTREAM_ERROR
-    elif result.served_by_failover:
-        marker = MARK_FAILOVER
-    return " | ".join(parts), marker
-
-
-def timings(record: FlowRecord, flow: http.HTTPFlow) -> tuple[float | None, float]:
-    """(time to first body byte, total duration) in seconds."""
-    end = (flow.response.timestamp_end if flow.response and flow.response.timestamp_end else None) or time.time()
-    first = None
-    if record.capture and record.capture.first_chunk_at:
-        first = record.capture.first_chunk_at - record.started
-    elif flow.response and flow.response.timestamp_start:
-        first = flow.response.timestamp_start - record.started
-    return first, end - record.started
+    """(comment, marker) for a flow, without timing: one line a user can read and filter
+    with ~comment."""
+    verdict = judge(record, status, error)
+    comment = comment_for(verdict, record.endpoint, session=record.session, stream=record.stream)
+    return comment, verdict.marker if verdict else ""
 
 
 class FlowView:
@@ -94,10 +51,32 @@ class FlowView:
             except ValueError as e:
                 raise exceptions.OptionsError(f"ccx_stream_body_limit: {e}") from None
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        # Runs after the gateway decided: say where the flow is going while it is in flight.
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Runs after AccessGate masked the credentials; later hooks rewrite the flow to show
+        # the upstream request, so keep the client's here.
         record = self.state.records.get(flow)
-        if record is not None and record.result is not None and flow.response is None:
+        if record is None or record.client_request:
+            return
+        record.session = session_label(flow.request.headers)
+        secrets = self.state.config.secrets if self.state.config else ()
+        record.client_request = {
+            "method": flow.request.method,
+            "path": scrub_text(flow.request.path, secrets),
+            "headers": {k: scrub_text(v, secrets) for k, v in flow.request.headers.items()},
+        }
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        # Runs after the gateway decided (and sent the upstream request).
+        record = self.state.records.get(flow)
+        if record is None:
+            return
+        if record.requested_model:
+            record.client_request.update(model=record.requested_model, stream=record.stream)
+            if record.endpoint == "chat" and not record.rejected:
+                # The flow's request goes on to the hand-over: no raw CR LF or surrogates.
+                flow.request.headers[REQUESTED_MODEL_HEADER] = header_value(record.requested_model)
+        if record.result is not None and flow.response is None:
+            # Say where the flow is going while it is in flight.
             flow.comment, _ = describe(record, record.result.status)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -107,7 +86,7 @@ class FlowView:
         # Show the upstream, not the loopback hand-over the bytes really come from.
         flow.request.url = record.result.upstream_url
         flow.request.headers.pop(TOKEN_HEADER, None)
-        record.capture = StreamCapture(self.body_limit)
+        record.capture = TimedStreamCapture(self.body_limit)
         flow.response.stream = record.capture
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -124,26 +103,31 @@ class FlowView:
             message = flow.error.msg if flow.error else "error"
             if record.client_gone:
                 message = "client disconnected before the answer; upstream request cancelled"
+            elif record.handover_token and record.stream_failure is None and client_gone(flow):
+                # The hand-over notices a moment later (and cancels the upstream then); the
+                # flow is annotated now.
+                record.stream_failure = "client disconnected mid-stream"
             self.annotate(flow, record, flow.response.status_code if flow.response else None, message)
 
     def annotate(self, flow: http.HTTPFlow, record: FlowRecord, status: int | None, error: str = "") -> None:
-        comment, marker = describe(record, status, error)
+        verdict = judge(record, status, error)
+        timing = usage = None
         if record.endpoint == "chat" and record.result is not None:
-            first, total = timings(record, flow)
-            usage = find_usage(flow.response.raw_content or b"") if flow.response else None
-            extra = [f"ttfb {first * 1000:.0f}ms" if first is not None else "", f"{total:.2f}s"]
-            if usage:
-                extra.append(f"tokens {usage.get('prompt_tokens', '?')}/{usage.get('completion_tokens', '?')}")
-            comment += " | " + " ".join(e for e in extra if e)
-        flow.comment = comment
-        if marker:
-            flow.marked = marker
-        flow.metadata["ccx"] = self.metadata(record, status)
-        if record.endpoint == "chat":
-            logger.info(f"{flow.request.method} {record.requested_model or '-'}: {comment}")
+            timing = measure(record, flow)
+            usage = usage_of(record, flow)
+        flow.comment = comment_for(verdict, record.endpoint, timing, usage, record.session, record.stream)
+        if verdict is not None and verdict.marker:
+            flow.marked = verdict.marker
+        flow.metadata["ccx"] = self.metadata(record, status, timing, usage)
+        if verdict is not None:
+            method = record.client_request.get("method", flow.request.method)
+            path = record.client_request.get("path", flow.request.path)
+            line = summary_line(method, path, verdict, timing, usage, record.session, record.stream)
+            # Failures stand out in mitmdump's output (warnings are coloured).
+            (logger.warning if verdict.failed else logger.info)(line)
 
     @staticmethod
-    def metadata(record: FlowRecord, status: int | None) -> dict:
+    def metadata(record: FlowRecord, status: int | None, timing: Timing | None = None, usage: dict | None = None) -> dict:
         """Plain, non-secret facts saved with the flow (`-w`) for later analysis."""
         result = record.result
         data = {
@@ -151,7 +135,13 @@ class FlowView:
             "stream": record.stream,
             "status": status,
             "rejected": record.rejected or None,
+            "client_request": record.client_request,
+            "session": record.session or None,
         }
+        if timing is not None:
+            data.update(timing.as_metadata())
+        if usage:
+            data["usage"] = usage
         if result is not None:
             data.update(
                 channel=result.route.channel.name if result.route else None,
@@ -164,3 +154,12 @@ class FlowView:
                 stream_failure=record.stream_failure,
             )
         return data
+
+
+def usage_of(record: FlowRecord, flow: http.HTTPFlow) -> dict | None:
+    """The answer's `usage`: from the body the flow keeps, else from the end of the stream
+    (kept apart, for streams longer than ccx_stream_body_limit)."""
+    usage = find_usage(flow.response.raw_content or b"") if flow.response else None
+    if usage is None and isinstance(record.capture, TimedStreamCapture):
+        usage = find_usage(record.capture.tail)
+    return usage

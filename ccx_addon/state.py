@@ -28,6 +28,10 @@ class FlowRecord:
     capture: StreamCapture | None = None
     stream_failure: str | None = None
     client_gone: bool = False
+    # The request as the client sent it (credentials masked), for the flow view: the flow
+    # itself is rewritten to show what went upstream.
+    client_request: dict = dataclasses.field(default_factory=dict)
+    session: str = ""  # a short label of the client's session id (not a secret)
 
 
 class GatewayState:
@@ -39,7 +43,7 @@ class GatewayState:
     def install(self, config: GatewayConfig) -> None:
         """Put a new config in force. Requests in flight keep the objects they started with."""
         self.config = config
-        self.health = HealthRegistry(config)
+        self.health = HealthRegistry(config, previous=self.health)
 
     def scrub(self, data: bytes) -> bytes:
         return data if self.config is None else scrub_bytes(data, self.config.secrets)

@@ -53,6 +53,34 @@ def test_short_form_with_the_shipped_default_config_answers_with_echo(user_gatew
     log = gw.log()
     assert f"listening at 127.0.0.1:{port}" in log
     assert "1 active channel(s): echo" in log and "openai (no API key set" in log
+    # Only the gateway's address and the loopback hand-over stay open (mitmproxy 12 opens
+    # *:8080 before loading the addon, which closes it).
+    listening = listening_ports(gw.process.pid)
+    assert ("127.0.0.1", port) in listening and len(listening) == 2
+    assert all(host == "127.0.0.1" for host, _ in listening), listening
+
+
+def listening_ports(pid: int) -> list[tuple[str, int]]:
+    """TCP sockets the process listens on, from /proc (IPv4 and IPv6)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and inode in inodes:  # 0A: LISTEN
+                    address, port = local.split(":")
+                    host = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)) if width == 8 else address
+                    found.append((host, int(port, 16)))
+    return sorted(found)
 
 
 def test_default_listen_address_is_loopback_3000():
@@ -142,7 +170,7 @@ def test_no_secret_in_saved_flows_or_the_detailed_log(mitmdump, upstreams, tmp_p
     gw2.stop()
     saved = flows_file.read_bytes() + (tmp_path / "flows2.mitm").read_bytes()
     logs = gw.log() + gw2.log()
-    assert b"/v1/chat/completions" in saved and "ccx good" in logs  # the files do hold the traffic
+    assert b"/v1/chat/completions" in saved and "via good (good#" in logs  # the files do hold the traffic
     for secret in (PROXY_KEY, *UPSTREAM_KEYS):
         assert secret.encode() not in saved, secret
         assert secret not in logs, secret

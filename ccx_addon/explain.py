@@ -1,0 +1,164 @@
+"""What the gateway would do, without sending anything: for a model, each channel with
+allowed/skipped and why, the mapping rule and the upstream model and URL; for a config,
+what it serves; and the opencode.json provider block that points at it.
+
+Pure functions over a GatewayConfig (used by `ccx-addon explain|check|opencode-config`),
+plus the `ccx.explain` command on a running gateway.
+"""
+
+import dataclasses
+import json
+import time
+
+from mitmproxy import command
+
+from .config import Channel, GatewayConfig
+from .routing import listed_models, map_model, plan_routes
+from .state import GatewayState
+
+PROVIDER_ID = "ccx"
+KEY_REFERENCE = "{env:PROXY_ACCESS_KEY}"  # OpenCode reads the key from the environment
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelVerdict:
+    channel: Channel
+    position: int | None  # 1-based place in the order the gateway tries, None when skipped
+    reason: str  # why it is skipped; "" for a candidate
+    upstream_model: str
+    rule: str | None  # the model_mapping key that applied
+
+    @property
+    def url(self) -> str:
+        return "echo: (answered by the gateway itself)" if self.channel.is_echo else self.channel.chat_url
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    model: str
+    verdicts: tuple[ChannelVerdict, ...]  # in priority order
+    max_attempts: int
+
+    @property
+    def candidates(self) -> list[ChannelVerdict]:
+        return sorted((v for v in self.verdicts if v.position), key=lambda v: v.position)
+
+
+def explain_model(config: GatewayConfig, model: str) -> Explanation:
+    plan = plan_routes(config, model)
+    positions = {route.channel.name: i for i, route in enumerate(plan.routes, 1)}
+    reasons = dict(plan.skipped)
+    verdicts = []
+    for channel in config.channels:
+        mapped = map_model(channel.model_mapping, model)
+        verdicts.append(ChannelVerdict(
+            channel, positions.get(channel.name), reasons.get(channel.name, ""),
+            mapped.upstream_model, mapped.rule,
+        ))
+    return Explanation(model, tuple(verdicts), config.max_attempts)
+
+
+def describe_mapping(model: str, verdict: ChannelVerdict) -> str:
+    if verdict.rule is None:
+        return f"{model} (no model_mapping rule, sent as requested)"
+    return f"{model} → {verdict.upstream_model} (model_mapping rule {verdict.rule!r})"
+
+
+def format_explanation(explanation: Explanation, health: dict | None = None) -> str:
+    """`health`: a HealthRegistry snapshot, to say which candidates are resting right now."""
+    model = explanation.model
+    lines = [f"Model {model!r}:"]
+    width = max((len(v.channel.name) for v in explanation.verdicts), default=0)
+    for verdict in explanation.verdicts:
+        name = verdict.channel.name.ljust(width)
+        if verdict.position is None:
+            lines.append(f"  skipped    {name}  {verdict.reason}")
+            continue
+        lines.append(f"  allowed #{verdict.position} {name}  {describe_mapping(model, verdict)}")
+        lines.append(f"  {'':{11 + width}}  → {verdict.url}")
+        if health and (state := health.get(verdict.channel.name)):
+            if state.get("circuit") not in (None, "closed"):
+                lines.append(f"  {'':{11 + width}}  now: circuit {state['circuit']}")
+            resting = [k["key"] for k in state.get("keys", ()) if k.get("disabled") or k.get("cooling_for_s")]
+            if resting:
+                lines.append(f"  {'':{11 + width}}  now: resting keys {', '.join(resting)}")
+    candidates = explanation.candidates
+    if not candidates:
+        lines.append(f"No channel serves {model!r}: a request gets 404 model_not_found.")
+    else:
+        order = ", then ".join(f"{v.channel.name} ({v.upstream_model})" for v in candidates)
+        lines.append(
+            f"A request is sent to {order}; it moves on after connection errors, timeouts, "
+            f"408/429/5xx, with at most {explanation.max_attempts} upstream requests."
+        )
+    return "\n".join(lines)
+
+
+def describe_channel(channel: Channel) -> str:
+    if not channel.enabled:
+        state = "disabled"
+    elif channel.inactive_reason:
+        state = f"inactive: {channel.inactive_reason}"
+    else:
+        state = "active"
+    facts = [state, "echo: built-in" if channel.is_echo else channel.chat_url]
+    if channel.api_keys:
+        facts.append(f"{len(channel.api_keys)} key(s)")
+    if channel.fallback:
+        facts.append("fallback")
+    facts.append("models: " + (", ".join(channel.supported_models) or "any"))
+    if channel.model_mapping:
+        facts.append("mapping: " + ", ".join(f"{k} → {v}" for k, v in channel.model_mapping))
+    return "; ".join(facts)
+
+
+def format_config_summary(config: GatewayConfig) -> str:
+    """What `ccx-addon check` prints for a valid config. Never a key: only how many."""
+    lines = [f"{config.source}: valid"]
+    lines.append(f"  proxy access keys: {len(config.proxy_access_keys)}; max_attempts: {config.max_attempts}")
+    lines.append("  channels, in the order they are tried:")
+    width = max((len(c.name) for c in config.channels), default=0)
+    for channel in config.channels:
+        lines.append(f"    {channel.name.ljust(width)}  {describe_channel(channel)}")
+    active = [c.name for c in config.channels if c.active]
+    lines.append(f"  serving through: {', '.join(active) or 'nothing (no active channel)'}")
+    models = listed_models(config)
+    lines.append(f"  /v1/models lists: {', '.join(models) or '(none: no active channel names an exact model)'}")
+    return "\n".join(lines)
+
+
+def opencode_provider(config: GatewayConfig, base_url: str, extra_models: tuple[str, ...] = ()) -> dict:
+    """The opencode.json block for this gateway: the key is an env reference, never the key."""
+    models = list(dict.fromkeys([*listed_models(config), *extra_models]))
+    block = {
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {
+            PROVIDER_ID: {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "ccx-addon",
+                "options": {"baseURL": base_url, "apiKey": KEY_REFERENCE},
+                "models": {name: {"name": name} for name in models},
+            }
+        },
+    }
+    if models:
+        block["model"] = f"{PROVIDER_ID}/{models[0]}"
+    return block
+
+
+def format_opencode_provider(block: dict) -> str:
+    return json.dumps(block, indent=2, ensure_ascii=False)
+
+
+class Explain:
+    """`ccx.explain MODEL` in mitmweb/mitmproxy: routing for a model under the config in
+    force, with the channels' current health. Sends nothing."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    @command.command("ccx.explain")
+    def explain(self, model: str) -> str:
+        """Explain which channels would serve MODEL, under which upstream name and URL."""
+        health = self.state.health.snapshot(time.time()) if self.state.health else None
+        return format_explanation(explain_model(self.state.config, model), health)

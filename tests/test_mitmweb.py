@@ -1,0 +1,136 @@
+"""A real `mitmweb -s ccx_addon/addon.py`, read through mitmweb's own REST API as its
+browser app does: the flow list has the gateway's comments and markers, the comment column
+is on, streamed bodies are readable, the `ccx.explain` command answers, and no proxy or
+upstream key appears anywhere mitmweb can show."""
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from mitmproxy.version import VERSION
+
+from conftest import PROXY_KEY, UPSTREAM_KEYS, channel, config
+from fakeupstream import json_answer
+from gateway_process import start_gateway
+from harness import free_port
+
+# mitmweb 11.1.2+ asks for a token; `web_password` sets it and the API takes it as a Bearer.
+NEEDS_PASSWORD = int(VERSION.split(".")[0]) >= 12
+WEB_PASSWORD = "web-ui-password-for-tests"
+SECRETS = (PROXY_KEY, *UPSTREAM_KEYS)
+
+
+def leaky(received):
+    """An upstream that quotes the key it was sent in its error, as some do."""
+    return json_answer(503, {"error": {"message": f"bad key {received.headers['authorization']}", "type": "x", "param": None, "code": None}})
+
+
+class WebApi:
+    def __init__(self, port: int) -> None:
+        headers = {"authorization": f"Bearer {WEB_PASSWORD}"} if NEEDS_PASSWORD else {}
+        # mitmweb's POST routes check tornado's XSRF token: cookie and header must agree.
+        xsrf = "ccx-test-xsrf-token"
+        cookies = {"_xsrf": xsrf, "_mitmproxy_xsrf": xsrf}
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={**headers, "x-xsrftoken": xsrf},
+                                   cookies=cookies, timeout=10)
+
+    def get(self, path: str) -> httpx.Response:
+        response = self.client.get(path)
+        assert response.status_code == 200, (path, response.status_code, response.text[:300])
+        return response
+
+    def wait_until_up(self, timeout: float = 20) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if self.client.get("/flows").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("mitmweb's web server did not come up")
+
+
+@pytest.fixture
+def mitmweb(upstreams, write_config, tmp_path):
+    leaky_up, good = upstreams(leaky), upstreams()
+    cfg = write_config(config(
+        channel("leaky", leaky_up.url + "/v1", keys=(UPSTREAM_KEYS[0],)),
+        channel("good", good.url + "/v1", keys=(UPSTREAM_KEYS[1], UPSTREAM_KEYS[2]), extra="model_mapping: {gpt: good-model}"),
+    ))
+    web_port = free_port()
+    args = ["--set", "web_open_browser=false", "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1"]
+    if NEEDS_PASSWORD:
+        args += ["--set", f"web_password={WEB_PASSWORD}"]
+    gw = start_gateway(cfg, tmp_path, *args, tool="mitmweb")
+    api = WebApi(web_port)
+    try:
+        api.wait_until_up()
+        yield gw, api
+    finally:
+        gw.stop()
+        api.client.close()
+
+
+def test_mitmweb_shows_the_flow_log_without_any_key(mitmweb):
+    gw, api = mitmweb
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=PROXY_KEY, max_retries=0)
+    reply = sdk.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "hello from upstream"
+    stream = sdk.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                         extra_headers={"x-session-id": "ses_0123456789abWEBSESSION"})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "hello from upstream"
+    # A provider key used as the gateway key: refused, and not shown either.
+    assert httpx.post(gw.url + "/v1/chat/completions", json={"model": "gpt-5"},
+                      headers={"x-api-key": UPSTREAM_KEYS[1]}, timeout=10).status_code == 401
+
+    flows = [f for f in api.get("/flows").json() if f["request"]["path"].endswith("/chat/completions")]
+    assert len(flows) == 3
+    served, streamed, rejected = sorted(flows, key=lambda f: f["timestamp_created"])
+    for flow in (served, streamed):
+        assert flow["comment"].startswith("ccx good (good#")
+        assert "gpt-5 → good-model | attempt 2/2, failover after leaky (leaky#1): 503" in flow["comment"]
+        assert flow["marked"] == "🟡"  # mitmweb sends the marker as an emoji
+        assert flow["request"]["pretty_host"] == "127.0.0.1"
+        headers = dict(flow["request"]["headers"])
+        assert headers["x-ccx-requested-model"] == "gpt-5"
+    assert "| 200 stream | ttft " in streamed["comment"] and streamed["comment"].endswith("| session BSESSION")
+    assert rejected["comment"] == "ccx rejected: 401 invalid_api_key" and rejected["marked"] == "🟠"
+
+    # The streamed answer is readable in the response tab, the mapped model in the request tab.
+    body = api.get(f"/flows/{streamed['id']}/response/content.data").text
+    assert "hello" in body and "data: [DONE]" in body
+    assert json.loads(api.get(f"/flows/{streamed['id']}/request/content.data").text)["model"] == "good-model"
+
+    # The comment column is on; the flow limit is in force.
+    options = api.get("/options").json()
+    assert "comment" in options["web_columns"]["value"]
+    assert options["ccx_keep_flows"]["value"] == 1000
+
+    # Nowhere: flow list, bodies, the event log, the full dump of every flow.
+    shown = [api.get("/flows").content, api.get("/events").content, api.get("/flows/dump").content]
+    for flow in flows:
+        for message in ("request", "response"):
+            shown.append(api.get(f"/flows/{flow['id']}/{message}/content.data").content)
+    assert b"leaky (leaky#1): 503" in shown[0]  # the leaky upstream's error was seen
+    for secret in SECRETS:
+        for text in shown:
+            assert secret.encode() not in text, secret
+    log = gw.log()
+    assert "ccx-addon: loaded" in log
+    for secret in SECRETS:
+        assert secret not in log
+
+
+def test_ccx_explain_command_in_mitmweb(mitmweb):
+    gw, api = mitmweb
+    response = api.client.post("/commands/ccx.explain", json={"arguments": ["gpt-5"]})
+    assert response.status_code == 200, response.text
+    text = response.json()["value"]
+    assert "allowed #1 leaky" in text and "allowed #2 good " in text
+    assert "gpt-5 → good-model (model_mapping rule 'gpt')" in text
+    assert "http://127.0.0.1:" in text
+    for secret in SECRETS:
+        assert secret not in text
