@@ -6,6 +6,7 @@ view, exactly what the client sent apart from the mapped model.
 """
 
 import dataclasses
+import functools
 import json
 import re
 from typing import Any
@@ -22,7 +23,14 @@ class BodyError(ValueError):
 class ChatRequest:
     model: str
     stream: bool
-    data: dict[str, Any]
+    source: bytes = dataclasses.field(repr=False)  # the JSON body `data` is parsed from
+
+    @functools.cached_property
+    def data(self) -> dict[str, Any]:
+        """The parsed body, built only when needed (echo, stream_usage, odd encodings).
+        Not keeping ~30 KB agent requests as Python objects while the upstream answers
+        saves time and, above all, garbage-collector work (see README, "Performance")."""
+        return json.loads(self.source)
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
@@ -57,7 +65,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     stream = data.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise BodyError("The stream parameter must be a boolean.", "invalid_type", "stream")
-    return ChatRequest(model=model, stream=bool(stream), data=data)
+    return ChatRequest(model=model, stream=bool(stream), source=raw)
 
 
 # A JSON string literal, or one structural character.
@@ -97,7 +105,12 @@ def replace_model(raw: bytes, request: ChatRequest, upstream_model: str) -> byte
     if raw.count(_MODEL_KEY) == 1:
         # The common case: one occurrence; it is the top-level key if it sits at depth 1.
         start = raw.find(_MODEL_KEY)
-        spans = [s for s in _top_level_model_values(raw[: start + 2 * 1024]) if s[0] > start]
+        # Tokenize only up to the end of its value: the tokens before it give its depth.
+        # (Cutting elsewhere can split a long string, which makes the scan quadratic.)
+        colon = _COLON.match(raw, start + len(_MODEL_KEY))
+        value = _TOKEN.match(raw, colon.end()) if colon else None
+        stop = value.end() if value else start + len(_MODEL_KEY)
+        spans = [s for s in _top_level_model_values(raw[:stop]) if s[0] > start]
         if len(spans) == 1 and _decodes_to(raw[spans[0][0]: spans[0][1]], request.model):
             begin, end = spans[0]
             return raw[:begin] + encoded + raw[end:]
@@ -123,8 +136,10 @@ def _decodes_to(literal: bytes, expected: str) -> bool:
 
 def with_stream_usage(raw: bytes, request: ChatRequest) -> bytes:
     """Ask the upstream to report token usage at the end of a stream."""
+    if not request.stream:
+        return raw
     options = request.data.get("stream_options")
-    if not request.stream or (isinstance(options, dict) and options.get("include_usage")):
+    if isinstance(options, dict) and options.get("include_usage"):
         return raw
     data = json.loads(raw)
     merged = dict(options) if isinstance(options, dict) else {}

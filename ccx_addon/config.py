@@ -6,6 +6,7 @@ Everything here is pure: `load_config(path, environ)` returns a `GatewayConfig` 
 """
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -95,9 +96,10 @@ class GatewayConfig:
     breaker: BreakerSettings = BreakerSettings()
     max_attempts: int = 5
 
-    @property
+    @functools.cached_property
     def secrets(self) -> tuple[str, ...]:
-        """Every key this config holds, for scrubbing text that leaves the gateway."""
+        """Every key this config holds, for scrubbing text that leaves the gateway. Cached:
+        the config is immutable and this is read several times per request."""
         keys = list(self.proxy_access_keys)
         for channel in self.channels:
             keys.extend(channel.api_keys)

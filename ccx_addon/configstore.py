@@ -88,7 +88,10 @@ class ConfigStore:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             if self.path is not None and _file_stamp(self.path) != self._stamp:
-                self.reload_now()
+                try:
+                    self.reload_now()
+                except Exception:  # a bug must not end the watching for good
+                    logger.exception("ccx-addon: config not reloaded, the previous one stays in force")
 
     def reload_now(self) -> bool:
         """Load the file again; on error keep the config in force. True when reloaded."""

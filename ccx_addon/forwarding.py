@@ -66,7 +66,7 @@ class ForwardResult:
 
 def gateway_error(status: int, message: str, type_: str, code: str, **extra) -> ForwardResult:
     headers = [("content-type", "application/json")]
-    if retry_after := extra.pop("retry_after", None):
+    if (retry_after := extra.pop("retry_after", None)) is not None:
         headers.append(("retry-after", str(max(1, int(retry_after + 0.999)))))
     return ForwardResult(
         status=status, reason="", headers=headers, body=error_body(message, type_, code),
@@ -102,14 +102,17 @@ class Forwarder:
                 attempts.append(Attempt(channel.name, "-", route.upstream_model, f"skipped: {breaker.describe(now)}"))
                 soonest_retry = _earliest(soonest_retry, breaker.retry_at(now))
                 continue
+            # Only a half-open breaker's probe may close or re-open it.
+            probe = breaker.state == breaker.HALF_OPEN
             pool = health.pools[channel.name]
             tried: set[int] = set()
             probe_used = False
             while budget > 0:
                 index, why_not = pool.pick(time.time(), tried)
                 if index is None:
-                    attempts.append(Attempt(channel.name, "-", route.upstream_model, f"skipped: {why_not}"))
-                    soonest_retry = _earliest(soonest_retry, pool.soonest_ready(time.time()))
+                    if not tried:  # after tries of its own, the channel needs no excuse
+                        attempts.append(Attempt(channel.name, "-", route.upstream_model, f"skipped: {why_not}"))
+                        soonest_retry = _earliest(soonest_retry, pool.soonest_ready(time.time()))
                     break
                 tried.add(index)
                 budget -= 1
@@ -121,7 +124,7 @@ class Forwarder:
                 if channel.is_echo:
                     content_type, body = echo_reply(request, route.upstream_model)
                     attempt.outcome, attempt.ok = "200 echo", True
-                    breaker.record(True, time.time())
+                    breaker.record(True, time.time(), probe)
                     return ForwardResult(
                         200, "OK", [("content-type", content_type)], body=body, route=route,
                         key_label="-", upstream_url="echo:", sent_body=raw_body,
@@ -132,15 +135,18 @@ class Forwarder:
                 if channel.stream_usage:
                     body = with_stream_usage(body, request)
                 headers = upstream_request_headers(client_headers, channel, channel.api_keys[index])
+                # A non-streaming exchange is bounded as a whole, headers and body.
+                deadline = None if request.stream or channel.timeouts.total is None else (
+                    time.monotonic() + channel.timeouts.total)
                 try:
-                    response = await self.client.open(channel, headers, body)
+                    response = await self.client.open(channel, headers, body, deadline)
                 except asyncio.CancelledError:
                     breaker.release_probe()  # the client left; no verdict on the channel
                     raise
                 except UpstreamError as e:
                     attempt.outcome = e.reason
                     any_timeout = any_timeout or e.timeout
-                    breaker.record(False, time.time())
+                    breaker.record(False, time.time(), probe)
                     break  # a connection-level failure: the next channel, not the next key
 
                 status = response.status
@@ -148,7 +154,7 @@ class Forwarder:
                 streaming = status < 300 and is_event_stream(response.headers.get("content-type"))
                 if streaming:
                     attempt.outcome, attempt.ok = str(status), True
-                    breaker.record(True, time.time())
+                    breaker.record(True, time.time(), probe)
                     return ForwardResult(
                         status, response.reason or "", response_headers_for_client(upstream_headers, True),
                         stream=response, route=route, key_label=label, upstream_url=channel.chat_url,
@@ -157,7 +163,9 @@ class Forwarder:
 
                 try:
                     answer = await self.client.read_body(
-                        response, channel.timeouts.total, MAX_BUFFERED_BODY
+                        response, channel.timeouts.total if deadline is None
+                        else max(0.0, deadline - time.monotonic()),
+                        MAX_BUFFERED_BODY, channel.timeouts.total,
                     )
                 except asyncio.CancelledError:
                     breaker.release_probe()
@@ -165,7 +173,7 @@ class Forwarder:
                 except UpstreamError as e:
                     attempt.outcome = f"{status}, then {e.reason}"
                     any_timeout = any_timeout or e.timeout
-                    breaker.record(False, time.time())
+                    breaker.record(False, time.time(), probe)
                     break
 
                 verdict = judge_status(status, answer)
@@ -178,7 +186,7 @@ class Forwarder:
                 )
                 if verdict.action == "serve":
                     attempt.ok = status < 400
-                    breaker.record(True, time.time())
+                    breaker.record(True, time.time(), probe)
                     if request.stream and status < 300:
                         return _as_event_stream(result)
                     return result
@@ -190,7 +198,7 @@ class Forwarder:
                 elif verdict.key_penalty == "disable":
                     pool.disable(index, verdict.reason)
                 # A key-level refusal still shows the channel itself is up.
-                breaker.record(not verdict.channel_failure, time.time())
+                breaker.record(not verdict.channel_failure, time.time(), probe)
                 if verdict.action == "next_channel":
                     break
             if not probe_used:
@@ -204,8 +212,8 @@ class Forwarder:
         if not tried:
             return gateway_error(
                 503,
-                f"Every channel for model {plan.model!r} is cooling down or has its circuit "
-                f"open, so the gateway did not call any upstream. {summary}.",
+                f"Every channel for model {plan.model!r} has its keys cooling down or disabled "
+                f"or its circuit open, so the gateway did not call any upstream. {summary}.",
                 "service_unavailable", "channels_unavailable",
                 retry_after=None if soonest_retry is None else soonest_retry - time.time(),
                 attempts=attempts, candidates=candidates,

@@ -2,18 +2,22 @@
 mitmproxy (buffered answers directly, streams over the loopback hand-over)."""
 
 import asyncio
+import functools
 import logging
 import time
 from urllib.parse import urlsplit
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import url as mitmproxy_url
 
 from .access import model_not_found_message
 from .body import BodyError, parse_chat_request
 from .errors import error_response
 from .forwarding import Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
+from .health import HealthRegistry
+from .redact import scrub_bytes
 from .routing import plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
 from .upstream import UpstreamClient, upstream_request_headers
@@ -79,9 +83,9 @@ class ChatGateway:
         record.result = result
         self.show_upstream_request(flow, result)
         if result.stream is not None:
-            self.hand_over(flow, record, result)
+            self.hand_over(flow, record, result, health)
         else:
-            self.respond(flow, result)
+            self.respond(flow, result, config.secrets)
 
     def reject(self, flow, record: FlowRecord, status, message, code, param=None) -> None:
         record.rejected = code
@@ -92,18 +96,22 @@ class ChatGateway:
         if result.route is None or result.route.channel.is_echo:
             return
         channel = result.route.channel
-        flow.request.url = result.upstream_url
+        # What `flow.request.url = result.upstream_url` does, minus parsing the URL again.
+        scheme, host, port, path, netloc = _upstream_target(result.upstream_url)
+        flow.request.scheme, flow.request.host, flow.request.port, flow.request.path = scheme, host, port, path
         headers = upstream_request_headers(flow.request.headers.items(multi=True), channel, SECRET_MASK)
         flow.request.headers = _headers(headers.items())
-        flow.request.host_header = urlsplit(result.upstream_url).netloc
+        flow.request.host_header = netloc
         flow.request.raw_content = result.sent_body
         if "content-length" in flow.request.headers or result.sent_body:
             flow.request.headers["content-length"] = str(len(result.sent_body))
 
-    def respond(self, flow: http.HTTPFlow, result: ForwardResult) -> None:
+    def respond(self, flow: http.HTTPFlow, result: ForwardResult, secrets: tuple[str, ...] = ()) -> None:
+        """`secrets`: the keys of the config the request started with, which a reload may
+        have replaced since (the config in force is scrubbed too)."""
         body = result.body or b""
         if not result.ok:
-            body = self.state.scrub(body)
+            body = self.state.scrub(scrub_bytes(body, secrets))
         headers = [(k, v) for k, v in result.headers if k.lower() != "content-length"]
         headers.append(("content-length", str(len(body))))
         headers.extend(gateway_headers(result))
@@ -121,9 +129,12 @@ class ChatGateway:
             timestamp_end=now,
         )
 
-    def hand_over(self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult) -> None:
+    def hand_over(
+        self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult, health: HealthRegistry
+    ) -> None:
+        """`health` is the registry the request started with: a reload since then may have
+        installed one without this channel."""
         route = result.route
-        health = self.state.health
 
         def on_end(failure: str | None) -> None:
             record.stream_failure = failure
@@ -155,9 +166,26 @@ def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:
     tries = sum(1 for a in result.attempts if not a.outcome.startswith("skipped"))
     return [
         ("x-ccx-channel", result.route.channel.name),
-        ("x-ccx-upstream-model", result.route.upstream_model),
+        ("x-ccx-upstream-model", header_value(result.route.upstream_model)),
         ("x-ccx-attempts", str(tries)),
     ]
+
+
+def header_value(text: str) -> str:
+    """`text` (a client-chosen model name) made safe for a header: anything but printable
+    ASCII is percent-encoded, so a name cannot add header lines or break the encoding."""
+    return "".join(
+        c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in text
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _upstream_target(upstream_url: str) -> tuple:
+    """mitmproxy's parse of an upstream URL (scheme, host, port, path) and its netloc. Every
+    flow shows one of a few URLs, and parsing one costs more than the rest of
+    show_upstream_request (see README, "Performance")."""
+    return (*mitmproxy_url.parse(upstream_url), urlsplit(upstream_url).netloc)
 
 
 def _headers(pairs) -> http.Headers:

@@ -48,7 +48,9 @@ class HandoverServer:
 
     async def start(self) -> None:
         if self._server is None:
-            self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", 0)
+            # mitmproxy opens one connection here per stream starting: a burst of streams
+            # must not overflow the default backlog (100) and wait for SYN retries.
+            self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", 0, backlog=1024)
             self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -150,6 +152,7 @@ class HandoverServer:
     async def _pump_body(self, stream: PendingStream, writer: asyncio.StreamWriter) -> None:
         content = stream.response.content
         tail = b"\n\n"  # the last two bytes sent, to end a cut event before an error event
+        last = b""
         failure = None
         while True:
             try:
@@ -162,9 +165,14 @@ class HandoverServer:
                 failure = f"upstream connection broke mid-stream ({type(e).__name__})"
                 break
             if not chunk:
+                if not _framed(stream.response.headers) and b"[DONE]" not in last:
+                    # Without chunking or a length, a reset reads as a normal end: only the
+                    # missing [DONE] tells a cut stream from a complete one.
+                    failure = "upstream closed the connection before the end of the stream"
                 break
             writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             tail = (tail + chunk)[-2:]
+            last = (last + chunk)[-64:]
             await writer.drain()
         if failure is not None:
             stream.response.close()
@@ -179,6 +187,11 @@ class HandoverServer:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         stream.on_end(failure)
+
+
+def _framed(headers) -> bool:
+    """Whether the upstream's body has an explicit end (chunked, or a Content-Length)."""
+    return "chunked" in headers.get("transfer-encoding", "").lower() or "content-length" in headers
 
 
 def _parse_head(head: bytes) -> tuple[str | None, int]:

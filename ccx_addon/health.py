@@ -97,7 +97,12 @@ class CircuitBreaker:
     def retry_at(self, now: float) -> float:
         return self.open_until if self.state == self.OPEN else now + 1.0
 
-    def record(self, success: bool, now: float) -> None:
+    def record(self, success: bool, now: float, probe: bool = False) -> None:
+        """One result. `probe`: the request was let through by a half-open breaker. Results
+        of requests that started before the breaker opened arrive late: they are stale and
+        must neither extend the open period nor pass for the probe's verdict."""
+        if self.state == self.OPEN or (self.state == self.HALF_OPEN and not probe):
+            return
         if self.state == self.HALF_OPEN:
             self.probe_in_flight = False
             if success:
@@ -138,9 +143,31 @@ class HealthRegistry:
     """Key pools and breakers for one loaded config; rebuilt when the config changes, which
     is also what brings disabled keys back."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, previous: "HealthRegistry | None" = None) -> None:
         self.pools = {c.name: KeyPool(c) for c in config.channels}
         self.breakers = {c.name: CircuitBreaker(config.breaker) for c in config.channels}
+        if previous is not None:
+            self._carry_over(previous)
+
+    def _carry_over(self, previous: "HealthRegistry") -> None:
+        """Keep what a reload must not forget: cooldowns of keys still configured (an
+        upstream's Retry-After stays true across an edit) and the breaker of a channel that
+        still points at the same upstream. Disabled keys are not carried: a reload is how
+        they come back."""
+        for name, pool in self.pools.items():
+            old_pool = previous.pools.get(name)
+            if old_pool is None or old_pool.channel.base_url != pool.channel.base_url:
+                continue
+            cooling = {
+                key: state.cooling_until
+                for key, state in zip(old_pool.channel.api_keys, old_pool.states)
+            }
+            for key, state in zip(pool.channel.api_keys, pool.states):
+                state.cooling_until = cooling.get(key, 0.0)
+            old_breaker = previous.breakers[name]
+            if old_breaker.settings == self.breakers[name].settings:
+                # Shared, so results of requests still running on the old config count.
+                self.breakers[name] = old_breaker
 
     def snapshot(self, now: float) -> dict[str, dict]:
         """Non-secret health state per channel, for /health and the ccx.health command."""

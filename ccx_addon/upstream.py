@@ -9,6 +9,8 @@ import asyncio
 import dataclasses
 import email.utils
 import json
+import os
+import time
 from collections.abc import Iterable
 
 import aiohttp
@@ -73,7 +75,8 @@ def parse_retry_after(headers: dict[str, str], now: float) -> float | None:
 # answers 429 for both (code 1113 means no balance); OpenAI says insufficient_quota.
 _EXHAUSTED_MARKERS = (
     "insufficient_quota", "insufficient balance", "insufficient_balance", "quota exceeded",
-    "exceeded your current quota", "余额", "欠费", '"1113"',
+    "exceeded your current quota", "exceeded_current_quota", "credit balance",
+    "余额", "欠费", '"1113"',
 )
 
 
@@ -88,14 +91,19 @@ class Verdict:
 
 
 def judge_status(status: int, body: bytes) -> Verdict:
+    text = body[:4096].decode("utf-8", "replace").lower()
+    # An empty balance is the key's problem wherever it is said: with 429 (GLM, OpenAI),
+    # 400/403 (some proxies) or inside a 200 (MiniMax's base_resp).
+    exhausted = any(m in text for m in _EXHAUSTED_MARKERS)
     if 200 <= status < 300:
         if problem := error_in_success_body(body):
+            if exhausted:
+                return Verdict("next_key", "200 with an error body: quota or balance exhausted", key_penalty="disable")
             return Verdict("next_channel", f"200 with an error body: {problem}", channel_failure=True)
         return Verdict("serve")
-    text = body[:4096].decode("utf-8", "replace").lower()
+    if 400 <= status < 500 and status not in (401, 402, 403) and exhausted:
+        return Verdict("next_key", f"{status} quota or balance exhausted", key_penalty="disable")
     if status == 429:
-        if any(m in text for m in _EXHAUSTED_MARKERS):
-            return Verdict("next_key", "429 quota or balance exhausted", key_penalty="disable")
         return Verdict("next_key", "429 rate limited", key_penalty="cooldown")
     if status in (401, 403):
         return Verdict("next_key", f"{status} key rejected", key_penalty="disable")
@@ -112,6 +120,10 @@ def error_in_success_body(body: bytes) -> str | None:
     `{"error": ...}`): the message, or None for a real success."""
     stripped = body.lstrip()
     if not stripped.startswith(b"{"):
+        return None
+    if b"error" not in stripped and b"base_resp" not in stripped and b"\\u" not in stripped:
+        # Neither key can be in it (a key spelled with \u escapes takes the long way): skip
+        # parsing what is, almost always, a normal answer.
         return None
     try:
         data = json.loads(stripped)
@@ -172,13 +184,20 @@ class UpstreamClient:
         return self._session
 
     async def open(
-        self, channel: Channel, headers: dict[str, str], body: bytes
+        self, channel: Channel, headers: dict[str, str], body: bytes,
+        deadline: float | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send the request; return once response headers arrived."""
+        """Send the request; return once response headers arrived. `deadline` (monotonic
+        time) additionally bounds the wait when the whole exchange has a limit."""
         timeouts = channel.timeouts
+        limit = timeouts.response_headers
+        expired = f"no response headers within {limit:g}s" if limit is not None else ""
+        if deadline is not None and (limit is None or deadline - time.monotonic() < limit):
+            limit = max(0.0, deadline - time.monotonic())
+            expired = f"no complete answer within {timeouts.total:g}s"
         session = self._ensure_session()
         try:
-            async with asyncio.timeout(timeouts.response_headers):
+            async with asyncio.timeout(limit):
                 return await session.post(
                     channel.chat_url,
                     data=body,
@@ -188,22 +207,29 @@ class UpstreamClient:
                         total=None, connect=timeouts.connect, sock_read=None
                     ),
                 )
+        # aiohttp's connect timeout is a TimeoutError too: it must be caught first.
+        except aiohttp.ServerTimeoutError:
+            raise UpstreamError(f"connect timeout after {timeouts.connect:g}s", timeout=True) from None
         except TimeoutError:
-            raise UpstreamError(
-                f"no response headers within {timeouts.response_headers:g}s", timeout=True
-            ) from None
-        except aiohttp.ServerTimeoutError as e:
-            raise UpstreamError(f"connect timeout after {timeouts.connect:g}s", timeout=True) from e
+            raise UpstreamError(expired, timeout=True) from None
         except aiohttp.ClientConnectorError as e:
             raise UpstreamError(f"cannot connect: {_os_reason(e)}") from None
         except aiohttp.ServerDisconnectedError:
             raise UpstreamError("connection closed before response headers") from None
+        except aiohttp.ClientResponseError as e:
+            # Not HTTP. Only the parser's complaint: str(e) and e.request_info carry more.
+            complaint = " ".join(e.message.split("\n\n", 1)[0].split())[:120]
+            raise UpstreamError(f"invalid HTTP response: {complaint}") from None
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError(f"connection failed: {type(e).__name__}: {e}".rstrip(": ")) from None
 
     @staticmethod
-    async def read_body(response: aiohttp.ClientResponse, timeout: float | None, limit: int) -> bytes:
-        """The whole body (up to `limit` bytes), or UpstreamError."""
+    async def read_body(
+        response: aiohttp.ClientResponse, timeout: float | None, limit: int,
+        configured: float | None = None,
+    ) -> bytes:
+        """The whole body (up to `limit` bytes), or UpstreamError. `configured`: the limit
+        to name when `timeout` is only what is left of it."""
         try:
             async with asyncio.timeout(timeout):
                 body = bytearray()
@@ -213,7 +239,8 @@ class UpstreamClient:
                         raise UpstreamError(f"response body larger than {limit} bytes")
                 return bytes(body)
         except TimeoutError:
-            raise UpstreamError(f"response body not complete within {timeout:g}s", timeout=True) from None
+            stated = timeout if configured is None else configured
+            raise UpstreamError(f"response body not complete within {stated:g}s", timeout=True) from None
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError(f"connection broke while reading the body: {type(e).__name__}") from None
         finally:
@@ -227,6 +254,8 @@ class UpstreamClient:
 
 def _os_reason(error: aiohttp.ClientConnectorError) -> str:
     os_error = error.os_error
-    text = getattr(os_error, "strerror", None) or str(os_error) or type(os_error).__name__
+    # asyncio's strerror is "Connect call failed ('127.0.0.1', 9)": say "Connection refused".
+    code = getattr(os_error, "errno", None)
+    text = (os.strerror(code) if code else None) or str(os_error) or type(os_error).__name__
     return f"{text} ({error.host}:{error.port})"
 

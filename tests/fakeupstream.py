@@ -117,7 +117,7 @@ class FakeUpstream:
         return self
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024)  # load tests
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
