@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 def make_addons() -> list:
     """The gateway's addons, in hook order, sharing one state."""
     from .access import AccessGate
+    from .backstop import UnhandledRequestGuard
     from .configstore import ConfigStore
     from .explain import Explain
     from .flowlist import CommentColumn, FlowLimit
@@ -25,4 +26,5 @@ def make_addons() -> list:
         CommentColumn(),
         FlowLimit(),
         Explain(state),
+        UnhandledRequestGuard(state),  # last: answers what the others left unanswered
     ]

@@ -31,13 +31,12 @@ class Timeouts:
     """Seconds. `None` disables a limit."""
 
     connect: float = 10.0
-    # Until the upstream sends response headers. For a non-streaming request that is the
-    # whole generation, so the default is generous.
+    # Streaming requests: until the upstream starts the stream (sends response headers).
     response_headers: float = 300.0
     # Silence between two reads of a streamed body. Long generations are fine as long as
     # the upstream keeps sending events (or `: keep-alive` comments).
     idle: float = 120.0
-    # The whole exchange of a non-streaming request.
+    # Non-streaming requests: the whole exchange (their headers only come with the answer).
     total: float = 600.0
 
 

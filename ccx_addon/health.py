@@ -170,7 +170,7 @@ class HealthRegistry:
                 self.breakers[name] = old_breaker
 
     def snapshot(self, now: float) -> dict[str, dict]:
-        """Non-secret health state per channel, for /health and the ccx.health command."""
+        """Non-secret health state per channel, for /health and `ccx.explain`."""
         out = {}
         for name, pool in self.pools.items():
             breaker = self.breakers[name]

@@ -187,14 +187,17 @@ class UpstreamClient:
         self, channel: Channel, headers: dict[str, str], body: bytes,
         deadline: float | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send the request; return once response headers arrived. `deadline` (monotonic
-        time) additionally bounds the wait when the whole exchange has a limit."""
+        """Send the request; return once response headers arrived. A streaming request
+        waits up to `response_headers` for the stream to start; a non-streaming one (whose
+        headers only come when the whole answer is ready) is bounded by `deadline`, the
+        monotonic time its `total` limit ends."""
         timeouts = channel.timeouts
-        limit = timeouts.response_headers
-        expired = f"no response headers within {limit:g}s" if limit is not None else ""
-        if deadline is not None and (limit is None or deadline - time.monotonic() < limit):
+        if deadline is not None:
             limit = max(0.0, deadline - time.monotonic())
-            expired = f"no complete answer within {timeouts.total:g}s"
+            expired = f"no response headers within {timeouts.total:g}s (timeouts.total)"
+        else:
+            limit = timeouts.response_headers
+            expired = f"no response headers within {limit:g}s" if limit is not None else ""
         session = self._ensure_session()
         try:
             async with asyncio.timeout(limit):

@@ -44,7 +44,7 @@ FAULTS = {
     # name: (behaviour of the first channel, its extra config, outcome shown for it)
     "refused": (None, "", "cannot connect: Connection refused"),
     "reset before headers": (lambda r: [("reset",)], "", "connection closed before response headers"),
-    "headers never sent": (lambda r: [("hang",)], "timeouts: {response_headers: 0.4}", "no response headers within 0.4s"),
+    "headers never sent": (lambda r: [("hang",)], "timeouts: {response_headers: 0.4, total: 0.4}", "no response headers within 0.4s"),
     "500": (error_json(500, "internal boom"), "", "500 internal boom"),
     "503": (error_json(503, "overloaded"), "", "503 overloaded"),
     "html error page": (lambda r: [("send", http_head(502, {"content-type": "text/html", "content-length": str(len(HTML))}) + HTML)],
@@ -135,7 +135,7 @@ def test_total_timeout_also_covers_the_wait_for_headers(gateway, upstreams):
     gw = gateway(config(channel("slow", slow.url + "/v1", extra="timeouts: {total: 0.4}")))
     r = ask(gw)
     assert r.status_code == 504
-    assert "slow (slow#1): no complete answer within 0.4s" in error_of(r)["message"]
+    assert "slow (slow#1): no response headers within 0.4s (timeouts.total)" in error_of(r)["message"]
     assert r.headers["x-ccx-gateway"] == "local"
 
 

@@ -278,12 +278,16 @@ def test_no_upstream_answering_is_502_naming_each_channel(gateway, upstreams):
 
 def test_timeout_before_headers_is_504_after_trying_all(gateway, upstreams):
     slow = upstreams(lambda r: [("hang",)])
-    gw = gateway(config(channel("slow", slow.url + "/v1", extra="timeouts: {response_headers: 0.5}")))
+    # Streaming: response_headers bounds the wait; non-streaming: total bounds the exchange.
+    gw = gateway(config(channel("slow", slow.url + "/v1", extra="timeouts: {response_headers: 0.5, total: 1}")))
     started = time.monotonic()
-    r = post(gw, {"model": "m", "messages": []})
+    r = post(gw, {"model": "m", "stream": True, "messages": []})
     assert r.status_code == 504
     assert "no response headers within 0.5s" in error_of(r)["message"]
     assert time.monotonic() - started < 5
+    r = post(gw, {"model": "m", "messages": []})
+    assert r.status_code == 504
+    assert "no response headers within 1s (timeouts.total)" in error_of(r)["message"]
 
 
 def test_upstream_ignoring_stream_true_is_converted_to_events(gateway, upstreams):
@@ -314,3 +318,20 @@ def test_flow_shows_the_upstream_request_with_keys_masked(gateway, upstreams):
     dump = json.dumps([str(state) for _, state in gw.collector.updates])
     for secret in (PROXY_KEY, *UPSTREAM_KEYS):
         assert secret not in dump
+
+
+def test_a_crashing_hook_still_gets_an_openai_shaped_answer(gateway, upstreams):
+    from ccx_addon.gateway import ChatGateway
+
+    up = upstreams()
+    gw = gateway(config(channel("main", up.url + "/v1")))
+
+    def broken(*args):
+        raise RuntimeError("simulated bug")
+
+    gw.addon(ChatGateway).show_upstream_request = broken
+    r = post(gw, {"model": "m", "messages": []})
+    assert r.status_code == 500
+    err = error_of(r)
+    assert err["code"] == "gateway_internal_error" and "gateway's log" in err["message"]
+    assert r.headers["x-ccx-gateway"] == "local"
