@@ -93,14 +93,14 @@ class AccessGate:
         endpoint = resolve_endpoint(flow.request.method, flow.request.path, gateway_address(flow))
         record.endpoint = endpoint.name or "error"
         if endpoint.name is None:
-            self.reject(flow, record, endpoint.status, endpoint.message, "invalid_request_error",
-                        endpoint.code, headers={"allow": endpoint.allow} if endpoint.allow else None)
+            reject(flow, record, endpoint.status, endpoint.message, endpoint.code,
+                   headers={"allow": endpoint.allow} if endpoint.allow else None)
         elif endpoint.name == "health":
             self.answer(flow, self.health_payload())
         elif not key_is_valid(presented, self.state.config.proxy_access_keys):
             message = ("No API key given. " if presented is None else "Invalid proxy access key. ") + WRONG_KEY_HINT
-            self.reject(flow, record, 401, message, "invalid_request_error", "invalid_api_key",
-                        headers={"www-authenticate": 'Bearer realm="ccx-addon"'})
+            reject(flow, record, 401, message, "invalid_api_key",
+                   headers={"www-authenticate": 'Bearer realm="ccx-addon"'})
         elif endpoint.name in ("models", "model"):
             self.serve_models(flow, record, endpoint)
         elif (length := flow.request.headers.get("content-length", "")).isdigit() and int(length) > self.max_body_size:
@@ -121,17 +121,12 @@ class AccessGate:
             flow.response.headers["content-length"] = str(length)
 
     def reject_too_large(self, flow: http.HTTPFlow, record: FlowRecord) -> None:
-        self.reject(
+        reject(
             flow, record, 413,
             f"The request body is larger than the gateway's limit of "
             f"{human.pretty_size(self.max_body_size)} (option ccx_max_body_size).",
-            "invalid_request_error", "request_too_large",
+            "request_too_large",
         )
-
-    @staticmethod
-    def reject(flow, record, status, message, type_, code, headers=None) -> None:
-        record.rejected = code
-        flow.response = error_response(status, message, type_, code, headers=headers)
 
     @staticmethod
     def answer(flow: http.HTTPFlow, payload: dict) -> None:
@@ -162,14 +157,21 @@ class AccessGate:
         if plan.routes:
             self.answer(flow, self.model_object(model, plan.routes[0].channel.name))
         else:
-            self.reject(flow, record, 404, model_not_found_message(model, plan.describe_skipped()),
-                        "invalid_request_error", "model_not_found")
+            reject(flow, record, 404, model_not_found_message(model, plan.describe_skipped()),
+                   "model_not_found")
 
     def model_object(self, name: str, owner: str | None = None) -> dict:
         if owner is None:
             plan = plan_routes(self.state.config, name)
             owner = plan.routes[0].channel.name if plan.routes else "ccx-addon"
         return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+
+
+def reject(flow: http.HTTPFlow, record: FlowRecord, status: int, message: str, code: str,
+           param: str | None = None, headers: dict[str, str] | None = None) -> None:
+    """Answer the request from the gateway with an OpenAI-shaped `invalid_request_error`."""
+    record.rejected = code
+    flow.response = error_response(status, message, "invalid_request_error", code, param, headers)
 
 
 def model_not_found_message(model: str, skipped: str) -> str:

@@ -91,12 +91,14 @@ class TimedStreamCapture(StreamCapture):
         super().__init__(limit)
         self.first_token_at: float | None = None
         self.scanned = 0
-        self.tail = b""
+        self.tail = bytearray()
 
     def __call__(self, chunk: bytes) -> bytes:
         chunk = super().__call__(chunk)
         if chunk:
-            self.tail = (self.tail + chunk)[-self.TAIL:]
+            self.tail += chunk
+            if len(self.tail) > 2 * self.TAIL:  # trim rarely: no 16 KB copy per chunk
+                del self.tail[:-self.TAIL]
             # Scan only what is kept: the first token is in the first events.
             if self.first_token_at is None and self.scanned < len(self.kept):
                 found, self.scanned = scan_for_first_token(self.kept, self.scanned)
@@ -174,7 +176,7 @@ class Verdict:
 def tries_of(record: FlowRecord) -> list:
     if record.result is None:
         return []
-    return [a for a in record.result.attempts if not a.outcome.startswith("skipped")]
+    return record.result.tries
 
 
 def judge(record: FlowRecord, status: int | None, error: str = "") -> Verdict | None:

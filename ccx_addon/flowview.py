@@ -7,9 +7,8 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.utils import human
 
 # The comment, its marker and the summary line are built in flowsummary (pure code).
-from .flowsummary import (  # noqa: F401 (the markers are re-exported)
-    MARK_FAILOVER, MARK_REJECTED, MARK_UPSTREAM_ERROR, TimedStreamCapture, comment_for, judge, measure,
-    Timing, session_label, summary_line,
+from .flowsummary import (
+    TimedStreamCapture, Timing, comment_for, judge, measure, session_label, summary_line,
 )
 from .gateway import client_gone, header_value
 from .handover import TOKEN_HEADER

@@ -34,6 +34,11 @@ class Attempt:
     outcome: str  # "200", "503 overloaded", "cannot connect: ...", "skipped: ..."
     ok: bool = False
 
+    @property
+    def skipped(self) -> bool:
+        """The channel or key was passed over without sending anything."""
+        return self.outcome.startswith("skipped")
+
 
 @dataclasses.dataclass
 class ForwardResult:
@@ -53,7 +58,11 @@ class ForwardResult:
     # "upstream": the upstream's answer as it was; "gateway": made here (errors, echo,
     # converted answers).
     origin: str = "upstream"
-    error_code: str = ""
+
+    @property
+    def tries(self) -> list[Attempt]:
+        """The attempts that really sent a request upstream."""
+        return [a for a in self.attempts if not a.skipped]
 
     @property
     def served_by_failover(self) -> bool:
@@ -70,7 +79,7 @@ def gateway_error(status: int, message: str, type_: str, code: str, **extra) -> 
         headers.append(("retry-after", str(max(1, int(retry_after + 0.999)))))
     return ForwardResult(
         status=status, reason="", headers=headers, body=error_body(message, type_, code),
-        origin="gateway", error_code=code, **extra,
+        origin="gateway", **extra,
     )
 
 
@@ -207,7 +216,7 @@ class Forwarder:
                 break
 
         candidates = len(plan.routes)
-        tried = [a for a in attempts if not a.outcome.startswith("skipped")]
+        tried = [a for a in attempts if not a.skipped]
         summary = "; ".join(f"{a.channel} ({a.key}): {a.outcome}" for a in attempts)
         if not tried:
             return gateway_error(

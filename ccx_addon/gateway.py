@@ -13,9 +13,8 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import url as mitmproxy_url
 
 from . import legacylog
-from .access import model_not_found_message
+from .access import model_not_found_message, reject
 from .body import BodyError, parse_chat_request
-from .errors import error_response
 from .forwarding import Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
@@ -111,18 +110,17 @@ class ChatGateway:
         try:
             chat = parse_chat_request(flow.request.content or b"")
         except BodyError as e:
-            self.reject(flow, record, 400, str(e), e.code, e.param)
+            reject(flow, record, 400, str(e), e.code, e.param)
             return
         record.requested_model = chat.model
         record.stream = chat.stream
 
         plan = plan_routes(config, chat.model)
         if not plan.routes:
-            self.reject(flow, record, 404, model_not_found_message(chat.model, plan.describe_skipped()),
-                        "model_not_found", "model")
+            reject(flow, record, 404, model_not_found_message(chat.model, plan.describe_skipped()),
+                   "model_not_found", "model")
             return
 
-        await self.handover.start()
         # Forward in this task; the client watch cancels it if the client leaves meanwhile.
         task = asyncio.current_task()
         self.client_watch.add(task, flow, record)
@@ -144,10 +142,6 @@ class ChatGateway:
             self.hand_over(flow, record, result, health)
         else:
             self.respond(flow, result, config.secrets)
-
-    def reject(self, flow, record: FlowRecord, status, message, code, param=None) -> None:
-        record.rejected = code
-        flow.response = error_response(status, message, "invalid_request_error", code, param)
 
     def show_upstream_request(self, flow: http.HTTPFlow, result: ForwardResult) -> None:
         """Make the flow show the request as the serving upstream received it, with keys masked."""
@@ -219,13 +213,13 @@ class ChatGateway:
 
 def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:
     """Non-secret response headers that tell a client (or curl user) who served it."""
+    attempts = ("x-ccx-attempts", str(len(result.tries)))
     if result.route is None:
-        return [("x-ccx-attempts", str(sum(1 for a in result.attempts if not a.outcome.startswith("skipped"))))]
-    tries = sum(1 for a in result.attempts if not a.outcome.startswith("skipped"))
+        return [attempts]
     return [
         ("x-ccx-channel", result.route.channel.name),
         ("x-ccx-upstream-model", header_value(result.route.upstream_model)),
-        ("x-ccx-attempts", str(tries)),
+        attempts,
     ]
 
 

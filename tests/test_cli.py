@@ -14,7 +14,7 @@ from harness import BIN
 
 from ccx_addon import cli
 from ccx_addon.config import parse_config
-from ccx_addon.explain import explain_model, format_explanation, opencode_provider
+from ccx_addon.explain import explain_model, format_explanation
 
 SECRETS = (PROXY_KEY, *UPSTREAM_KEYS)
 

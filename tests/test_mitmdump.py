@@ -12,7 +12,7 @@ import pytest
 
 from conftest import PROXY_KEY, UPSTREAM_KEYS, channel, config
 from fakeupstream import json_answer
-from harness import ADDON, BIN, ROOT, SubprocessGateway, free_port
+from harness import ADDON, BIN, SubprocessGateway, free_port
 
 PROVIDER_ENV = ("OPENAI_API_KEY", "DEEPSEEK_API_KEY", "GLM_API_KEY", "MINIMAX_API_KEY", "MOONSHOT_API_KEY")
 
