@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import secrets
 from collections.abc import Callable
+from typing import Protocol
 
 import aiohttp
 
@@ -27,6 +28,29 @@ UNCLAIMED_TTL = 30.0
 _MAX_HEAD = 256 * 1024
 
 
+class StreamTransform(Protocol):
+    """One step of the chain a handed-over body passes through, in order (scrubbing,
+    reasoning capture, usage-chunk removal, ...). Chunks are transport chunks, not SSE
+    events: a step that works on events keeps the incomplete rest itself. Every step must
+    pass bytes on as soon as it can: streams are never held back."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to send on for `chunk` (possibly empty, possibly including held-back ones)."""
+
+    def end(self) -> bytes:
+        """The upstream ended (normally or not): whatever is still held back."""
+
+
+def run_transforms(transforms, chunk: bytes, final: bool = False) -> bytes:
+    """`chunk` through every transform in order; with `final`, each one's held-back rest
+    is flushed into the next."""
+    for transform in transforms:
+        chunk = transform.feed(chunk) if chunk else b""
+        if final:
+            chunk += transform.end()
+    return chunk
+
+
 @dataclasses.dataclass
 class PendingStream:
     response: aiohttp.ClientResponse
@@ -36,6 +60,10 @@ class PendingStream:
     idle_timeout: float | None
     # Called once when the stream ends: None on success, else a short reason.
     on_end: Callable[[str | None], None] = lambda reason: None
+    transforms: list[StreamTransform] = dataclasses.field(default_factory=list)
+    # Body bytes already read from `response` (e.g. to judge the first event before
+    # choosing to serve this stream): sent first.
+    first: bytes = b""
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -154,10 +182,14 @@ class HandoverServer:
         tail = b"\n\n"  # the last two bytes sent, to end a cut event before an error event
         last = b""
         failure = None
+        pending, stream.first = stream.first, b""
         while True:
             try:
-                async with asyncio.timeout(stream.idle_timeout):
-                    chunk = await content.readany()
+                if pending:
+                    chunk, pending = pending, b""
+                else:
+                    async with asyncio.timeout(stream.idle_timeout):
+                        chunk = await content.readany()
             except TimeoutError:
                 failure = f"upstream sent nothing for {stream.idle_timeout:g}s"
                 break
@@ -165,16 +197,24 @@ class HandoverServer:
                 failure = f"upstream connection broke mid-stream ({type(e).__name__})"
                 break
             if not chunk:
+                if stream.transforms and (rest := run_transforms(stream.transforms, b"", final=True)):
+                    writer.write(b"%x\r\n%b\r\n" % (len(rest), rest))
+                    tail = (tail + rest)[-2:]
                 if not _framed(stream.response.headers) and b"[DONE]" not in last:
                     # Without chunking or a length, a reset reads as a normal end: only the
                     # missing [DONE] tells a cut stream from a complete one.
                     failure = "upstream closed the connection before the end of the stream"
                 break
+            last = (last + chunk)[-64:]
+            if stream.transforms and not (chunk := run_transforms(stream.transforms, chunk)):
+                continue
             writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             tail = (tail + chunk)[-2:]
-            last = (last + chunk)[-64:]
             await writer.drain()
         if failure is not None:
+            if stream.transforms and (rest := run_transforms(stream.transforms, b"", final=True)):
+                writer.write(b"%x\r\n%b\r\n" % (len(rest), rest))
+                tail = (tail + rest)[-2:]
             stream.response.close()
             message = f"The upstream stream was interrupted: {failure}. The answer above is incomplete."
             # End a half-sent event first, so the error arrives as an event of its own.
