@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 import yaml
 
 ECHO_BASE_URL = "echo:"
+# Provider presets a channel can name (`preset:`): what each one fixes is decided in the
+# presets and answer-classification code; the config only checks the name.
+PRESET_NAMES = ("openai", "deepseek", "glm", "minimax", "kimi")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -65,6 +68,7 @@ class Channel:
     auth_header: str = "bearer"  # or "x-api-key"
     headers: tuple[tuple[str, str], ...] = ()
     stream_usage: bool = False
+    preset: str = ""  # one of PRESET_NAMES, or "" for none (only `model` changes)
     cooldown: float = 60.0
     timeouts: Timeouts = Timeouts()
     # Why an enabled-looking channel cannot serve (e.g. its key env vars are all empty).
@@ -293,7 +297,7 @@ _TOP_FIELDS = {"proxy_access_keys", "channels", "circuit_breaker", "max_attempts
 _CHANNEL_FIELDS = {
     "name", "base_url", "api_keys", "priority", "enabled", "supported_models",
     "model_mapping", "fallback", "auth_header", "headers", "stream_usage", "cooldown",
-    "timeouts",
+    "timeouts", "preset",
 }
 _TIMEOUT_FIELDS = {f.name for f in dataclasses.fields(Timeouts)}
 _BREAKER_FIELDS = {f.name for f in dataclasses.fields(BreakerSettings)}
@@ -433,6 +437,11 @@ def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> 
             if key.lower() in ("authorization", "x-api-key", "host", "content-length"):
                 raise check.fail(f"{path}.headers.{key}", fields["headers"].value[key], "is set by the gateway and cannot be overridden")
         changes["headers"] = headers
+    if "preset" in fields:
+        preset = check.string(f"{path}.preset", fields["preset"]).strip().lower()
+        if preset not in PRESET_NAMES + ("none", ""):
+            raise check.fail(f"{path}.preset", fields["preset"], f"unknown preset (expected one of: {', '.join(PRESET_NAMES)}, none)")
+        changes["preset"] = "" if preset == "none" else preset
     if "cooldown" in fields:
         changes["cooldown"] = check.number(f"{path}.cooldown", fields["cooldown"])
     if "timeouts" in fields:
