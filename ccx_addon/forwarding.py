@@ -10,15 +10,15 @@ from collections.abc import Iterable
 import aiohttp
 
 from .body import ChatRequest, replace_model, with_stream_usage
-from .config import GatewayConfig
+from .config import Channel, GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
-from .health import HealthRegistry
+from .health import HealthRegistry, KeyPool
 from .redact import scrub_text
 from .routing import Route, RoutePlan
 from .sse import completion_to_events, is_event_stream
 from .upstream import (
-    UpstreamClient, UpstreamError, judge_status, parse_retry_after,
+    UpstreamClient, UpstreamError, Verdict, judge_status, parse_retry_after,
     response_headers_for_client, upstream_request_headers,
 )
 
@@ -83,7 +83,55 @@ def gateway_error(status: int, message: str, type_: str, code: str, **extra) -> 
     )
 
 
+# Failed attempts move on to the next key of the same channel or to the next channel.
+NEXT_KEY, NEXT_CHANNEL = "next_key", "next_channel"
+
+
+@dataclasses.dataclass
+class AttemptRun:
+    """One client request's walk through its candidates: what it may still spend and what
+    it has learnt so far (attempts, the last upstream answer, when a resting key is back)."""
+
+    config: GatewayConfig
+    health: HealthRegistry
+    plan: RoutePlan
+    request: ChatRequest
+    raw_body: bytes
+    client_headers: list[tuple[str, str]]
+    budget: int
+    attempts: list[Attempt] = dataclasses.field(default_factory=list)
+    last_answer: ForwardResult | None = None
+    soonest_retry: float | None = None
+    any_timeout: bool = False
+
+    def skip(self, route: Route, why: str, ready_at: float | None) -> None:
+        """A channel passed over without sending anything."""
+        self.attempts.append(Attempt(route.channel.name, "-", route.upstream_model, f"skipped: {why}"))
+        self.soonest_retry = _earliest(self.soonest_retry, ready_at)
+
+    def start(self, route: Route, index: int) -> Attempt:
+        channel = route.channel
+        self.budget -= 1
+        attempt = Attempt(channel.name, channel.key_label(index) if channel.api_keys else "-", route.upstream_model, "")
+        self.attempts.append(attempt)
+        return attempt
+
+    def fail(self, attempt: Attempt, error: "UpstreamError", prefix: str = "") -> None:
+        attempt.outcome = prefix + error.reason
+        self.any_timeout = self.any_timeout or error.timeout
+
+    def result(self, route: Route, status: int, reason: str, headers, **fields) -> ForwardResult:
+        return ForwardResult(
+            status, reason, headers, route=route, upstream_url=route.channel.chat_url,
+            attempts=self.attempts, candidates=len(self.plan.routes), **fields,
+        )
+
+
 class Forwarder:
+    """The policy, in order: channels by priority (skipping open circuits), keys round
+    robin within a channel; each attempt is sent, judged, and a failed one penalises its
+    key (cooldown, disable) and counts for or against the channel's breaker."""
+
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
 
@@ -96,151 +144,194 @@ class Forwarder:
         raw_body: bytes,
         client_headers: Iterable[tuple[str, str]],
     ) -> ForwardResult:
-        client_headers = list(client_headers)
-        attempts: list[Attempt] = []
-        last_answer: ForwardResult | None = None
-        soonest_retry: float | None = None
-        any_timeout = False
-        budget = config.max_attempts
-
+        run = AttemptRun(config, health, plan, request, raw_body, list(client_headers), config.max_attempts)
         for route in plan.routes:
-            channel = route.channel
-            now = time.time()
-            breaker = health.breakers[channel.name]
-            if not breaker.allow(now):
-                attempts.append(Attempt(channel.name, "-", route.upstream_model, f"skipped: {breaker.describe(now)}"))
-                soonest_retry = _earliest(soonest_retry, breaker.retry_at(now))
-                continue
-            # Only a half-open breaker's probe may close or re-open it.
-            probe = breaker.state == breaker.HALF_OPEN
-            pool = health.pools[channel.name]
-            tried: set[int] = set()
-            probe_used = False
-            while budget > 0:
-                index, why_not = pool.pick(time.time(), tried)
-                if index is None:
-                    if not tried:  # after tries of its own, the channel needs no excuse
-                        attempts.append(Attempt(channel.name, "-", route.upstream_model, f"skipped: {why_not}"))
-                        soonest_retry = _earliest(soonest_retry, pool.soonest_ready(time.time()))
-                    break
-                tried.add(index)
-                budget -= 1
-                probe_used = True
-                label = channel.key_label(index)
-                attempt = Attempt(channel.name, label if channel.api_keys else "-", route.upstream_model, "")
-                attempts.append(attempt)
-
-                if channel.is_echo:
-                    content_type, body = echo_reply(request, route.upstream_model)
-                    attempt.outcome, attempt.ok = "200 echo", True
-                    breaker.record(True, time.time(), probe)
-                    return ForwardResult(
-                        200, "OK", [("content-type", content_type)], body=body, route=route,
-                        key_label="-", upstream_url="echo:", sent_body=raw_body,
-                        attempts=attempts, candidates=len(plan.routes), origin="gateway",
-                    )
-
-                body = replace_model(raw_body, request, route.upstream_model)
-                if channel.stream_usage:
-                    body = with_stream_usage(body, request)
-                headers = upstream_request_headers(client_headers, channel, channel.api_keys[index])
-                # A non-streaming exchange is bounded as a whole, headers and body.
-                deadline = None if request.stream or channel.timeouts.total is None else (
-                    time.monotonic() + channel.timeouts.total)
-                try:
-                    response = await self.client.open(channel, headers, body, deadline)
-                except asyncio.CancelledError:
-                    breaker.release_probe()  # the client left; no verdict on the channel
-                    raise
-                except UpstreamError as e:
-                    attempt.outcome = e.reason
-                    any_timeout = any_timeout or e.timeout
-                    breaker.record(False, time.time(), probe)
-                    break  # a connection-level failure: the next channel, not the next key
-
-                status = response.status
-                upstream_headers = list(response.headers.items())
-                streaming = status < 300 and is_event_stream(response.headers.get("content-type"))
-                if streaming:
-                    attempt.outcome, attempt.ok = str(status), True
-                    breaker.record(True, time.time(), probe)
-                    return ForwardResult(
-                        status, response.reason or "", response_headers_for_client(upstream_headers, True),
-                        stream=response, route=route, key_label=label, upstream_url=channel.chat_url,
-                        sent_body=body, attempts=attempts, candidates=len(plan.routes),
-                    )
-
-                try:
-                    answer = await self.client.read_body(
-                        response, channel.timeouts.total if deadline is None
-                        else max(0.0, deadline - time.monotonic()),
-                        MAX_BUFFERED_BODY, channel.timeouts.total,
-                    )
-                except asyncio.CancelledError:
-                    breaker.release_probe()
-                    raise
-                except UpstreamError as e:
-                    attempt.outcome = f"{status}, then {e.reason}"
-                    any_timeout = any_timeout or e.timeout
-                    breaker.record(False, time.time(), probe)
-                    break
-
-                verdict = judge_status(status, answer)
-                # The reason may quote the upstream's message, which may quote the key.
-                attempt.outcome = scrub_text(verdict.reason or str(status), config.secrets)
-                result = ForwardResult(
-                    status, response.reason or "", response_headers_for_client(upstream_headers, False),
-                    body=answer, route=route, key_label=label, upstream_url=channel.chat_url,
-                    sent_body=body, attempts=attempts, candidates=len(plan.routes),
-                )
-                if verdict.action == "serve":
-                    attempt.ok = status < 400
-                    breaker.record(True, time.time(), probe)
-                    if request.stream and status < 300:
-                        return _as_event_stream(result)
-                    return result
-
-                last_answer = result
-                if verdict.key_penalty == "cooldown":
-                    wait = parse_retry_after(dict(upstream_headers), time.time())
-                    pool.cool_down(index, channel.cooldown if wait is None else wait, time.time())
-                elif verdict.key_penalty == "disable":
-                    pool.disable(index, verdict.reason)
-                # A key-level refusal still shows the channel itself is up.
-                breaker.record(not verdict.channel_failure, time.time(), probe)
-                if verdict.action == "next_channel":
-                    break
-            if not probe_used:
-                breaker.release_probe()
-            if budget <= 0:
+            if (served := await self.try_channel(run, route)) is not None:
+                return served
+            if run.budget <= 0:
                 break
+        return every_candidate_failed(run)
 
-        candidates = len(plan.routes)
-        tried = [a for a in attempts if not a.skipped]
-        summary = "; ".join(f"{a.channel} ({a.key}): {a.outcome}" for a in attempts)
+    async def try_channel(self, run: AttemptRun, route: Route) -> ForwardResult | None:
+        """The channel's keys in turn until one answers, the channel itself fails, or the
+        budget is spent. None: move on to the next channel."""
+        breaker = run.health.breakers[route.channel.name]
+        now = time.time()
+        if not breaker.allow(now):
+            run.skip(route, breaker.describe(now), breaker.retry_at(now))
+            return None
+        # Only a half-open breaker's probe may close or re-open it.
+        probe = breaker.state == breaker.HALF_OPEN
+        tried: set[int] = set()
+        try:
+            while run.budget > 0:
+                index = self.next_key(run, route, tried)
+                if index is None:
+                    break
+                served, move_on = await self.attempt(run, route, index, probe)
+                if served is not None:
+                    return served
+                if move_on == NEXT_CHANNEL:
+                    break
+        except asyncio.CancelledError:
+            breaker.release_probe()  # the client left; no verdict on the channel
+            raise
         if not tried:
-            return gateway_error(
-                503,
-                f"Every channel for model {plan.model!r} has its keys cooling down or disabled "
-                f"or its circuit open, so the gateway did not call any upstream. {summary}.",
-                "service_unavailable", "channels_unavailable",
-                retry_after=None if soonest_retry is None else soonest_retry - time.time(),
-                attempts=attempts, candidates=candidates,
-            )
-        if last_answer is not None:
-            last_answer.attempts = attempts
-            if last_answer.ok:  # a 200 with an error inside: never hand that on as a success
-                return gateway_error(
-                    502, f"The upstream answered 200 with an error. Tried: {summary}.",
-                    "upstream_error", "upstream_error", attempts=attempts, candidates=candidates,
-                )
-            return last_answer
-        status, code = (504, "upstream_timeout") if any_timeout else (502, "upstream_unreachable")
-        return gateway_error(
-            status,
-            f"No upstream answered for model {plan.model!r}. Tried: {summary}.",
-            "upstream_error", code, attempts=attempts, candidates=candidates,
+            breaker.release_probe()
+        return None
+
+    @staticmethod
+    def next_key(run: AttemptRun, route: Route, tried: set[int]) -> int | None:
+        """The channel's next usable key, or None (recorded as a skip when the channel had
+        no try of its own: after tries, the channel needs no excuse)."""
+        pool = run.health.pools[route.channel.name]
+        index, why_not = pool.pick(time.time(), tried)
+        if index is None:
+            if not tried:
+                run.skip(route, why_not, pool.soonest_ready(time.time()))
+            return None
+        tried.add(index)
+        return index
+
+    async def attempt(
+        self, run: AttemptRun, route: Route, index: int, probe: bool
+    ) -> tuple[ForwardResult | None, str]:
+        """One upstream request: (the answer to serve, "") or (None, NEXT_KEY|NEXT_CHANNEL)."""
+        channel = route.channel
+        breaker = run.health.breakers[channel.name]
+        attempt = run.start(route, index)
+        if channel.is_echo:
+            breaker.record(True, time.time(), probe)
+            return answer_echo(run, route, attempt), ""
+
+        body = attempt_body(run, route)
+        try:
+            response = await self.send(run, channel, index, body)
+        except UpstreamError as e:
+            run.fail(attempt, e)
+            breaker.record(False, time.time(), probe)
+            return None, NEXT_CHANNEL  # a connection-level failure: the next channel, not the next key
+
+        status = response.status
+        upstream_headers = list(response.headers.items())
+        label = channel.key_label(index)
+        if status < 300 and is_event_stream(response.headers.get("content-type")):
+            attempt.outcome, attempt.ok = str(status), True
+            breaker.record(True, time.time(), probe)
+            return run.result(
+                route, status, response.reason or "", response_headers_for_client(upstream_headers, True),
+                stream=response, key_label=label, sent_body=body,
+            ), ""
+
+        try:
+            answer = await self.read(run, channel, response)
+        except UpstreamError as e:
+            run.fail(attempt, e, prefix=f"{status}, then ")
+            breaker.record(False, time.time(), probe)
+            return None, NEXT_CHANNEL
+
+        verdict = self.judge(status, answer)
+        # The reason may quote the upstream's message, which may quote the key.
+        attempt.outcome = scrub_text(verdict.reason or str(status), run.config.secrets)
+        result = run.result(
+            route, status, response.reason or "", response_headers_for_client(upstream_headers, False),
+            body=answer, key_label=label, sent_body=body,
         )
+        if verdict.action == "serve":
+            attempt.ok = status < 400
+            breaker.record(True, time.time(), probe)
+            return (_as_event_stream(result) if run.request.stream and status < 300 else result), ""
+
+        run.last_answer = result
+        penalise(run.health.pools[channel.name], index, verdict, dict(upstream_headers))
+        # A key-level refusal still shows the channel itself is up.
+        breaker.record(not verdict.channel_failure, time.time(), probe)
+        return None, NEXT_CHANNEL if verdict.action == NEXT_CHANNEL else NEXT_KEY
+
+    async def send(self, run: AttemptRun, channel: Channel, index: int, body: bytes) -> aiohttp.ClientResponse:
+        """Open the upstream request with the channel's key; UpstreamError if no answer."""
+        headers = upstream_request_headers(run.client_headers, channel, channel.api_keys[index])
+        return await self.client.open(channel, headers, body, _deadline(run.request, channel))
+
+    async def read(self, run: AttemptRun, channel: Channel, response: aiohttp.ClientResponse) -> bytes:
+        """A buffered answer's whole body, within what is left of `timeouts.total`."""
+        deadline = _deadline(run.request, channel)
+        return await self.client.read_body(
+            response, channel.timeouts.total if deadline is None else max(0.0, deadline - time.monotonic()),
+            MAX_BUFFERED_BODY, channel.timeouts.total,
+        )
+
+    @staticmethod
+    def judge(status: int, answer: bytes) -> Verdict:
+        return judge_status(status, answer)
+
+
+def _deadline(request: ChatRequest, channel: Channel) -> float | None:
+    """A non-streaming exchange is bounded as a whole, headers and body: the monotonic time
+    its `total` limit ends."""
+    if request.stream or channel.timeouts.total is None:
+        return None
+    return time.monotonic() + channel.timeouts.total
+
+
+# ---- the attempt body: the ONE place an attempt's request body is built ----------------
+def attempt_body(run: AttemptRun, route: Route) -> bytes:
+    """What this attempt sends upstream, always built from the client's own bytes, so a
+    failover never carries one channel's rewrites to the next."""
+    body = replace_model(run.raw_body, run.request, route.upstream_model)
+    if route.channel.stream_usage:
+        body = with_stream_usage(body, run.request)
+    return body
+# ---------------------------------------------------------------------------------------
+
+
+def penalise(pool: KeyPool, index: int, verdict: Verdict, headers: dict[str, str]) -> None:
+    """What a failed answer costs the key that got it."""
+    if verdict.key_penalty == "cooldown":
+        wait = parse_retry_after(headers, time.time())
+        pool.cool_down(index, pool.channel.cooldown if wait is None else wait, time.time())
+    elif verdict.key_penalty == "disable":
+        pool.disable(index, verdict.reason)
+
+
+def answer_echo(run: AttemptRun, route: Route, attempt: Attempt) -> ForwardResult:
+    content_type, body = echo_reply(run.request, route.upstream_model)
+    attempt.outcome, attempt.ok = "200 echo", True
+    return ForwardResult(
+        200, "OK", [("content-type", content_type)], body=body, route=route,
+        key_label="-", upstream_url="echo:", sent_body=run.raw_body,
+        attempts=run.attempts, candidates=len(run.plan.routes), origin="gateway",
+    )
+
+
+def every_candidate_failed(run: AttemptRun) -> ForwardResult:
+    """The answer when no candidate served: 503 when nothing was even tried, else the last
+    upstream error answer, else 502/504 naming each channel and why."""
+    attempts, candidates = run.attempts, len(run.plan.routes)
+    summary = "; ".join(f"{a.channel} ({a.key}): {a.outcome}" for a in attempts)
+    if not any(not a.skipped for a in attempts):
+        return gateway_error(
+            503,
+            f"Every channel for model {run.plan.model!r} has its keys cooling down or disabled "
+            f"or its circuit open, so the gateway did not call any upstream. {summary}.",
+            "service_unavailable", "channels_unavailable",
+            retry_after=None if run.soonest_retry is None else run.soonest_retry - time.time(),
+            attempts=attempts, candidates=candidates,
+        )
+    if (last := run.last_answer) is not None:
+        last.attempts = attempts
+        if last.ok:  # a 200 with an error inside: never hand that on as a success
+            return gateway_error(
+                502, f"The upstream answered 200 with an error. Tried: {summary}.",
+                "upstream_error", "upstream_error", attempts=attempts, candidates=candidates,
+            )
+        return last
+    status, code = (504, "upstream_timeout") if run.any_timeout else (502, "upstream_unreachable")
+    return gateway_error(
+        status,
+        f"No upstream answered for model {run.plan.model!r}. Tried: {summary}.",
+        "upstream_error", code, attempts=attempts, candidates=candidates,
+    )
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:
