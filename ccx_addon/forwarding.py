@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import aiohttp
 
 from .body import ChatRequest, replace_model, with_stream_usage
+from .caps import LearnedCaps, announced_cap, apply_cap, requested_output
 from .config import Channel, GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
@@ -18,8 +19,12 @@ from .redact import scrub_text
 from .routing import Route, RoutePlan
 from .sse import completion_to_events, is_event_stream
 from .upstream import (
-    UpstreamClient, UpstreamError, Verdict, judge_status, parse_retry_after,
-    response_headers_for_client, upstream_request_headers,
+    UpstreamClient, UpstreamError, parse_retry_after, response_headers_for_client,
+    upstream_request_headers,
+)
+from .verdicts import (
+    COOLDOWN, DISABLE, NEXT_CHANNEL, NEXT_KEY, REFUSE, SERVE, Verdict, first_event_data,
+    judge_answer, judge_first_event,
 )
 
 # Error bodies and non-streamed answers are read whole; this bounds a runaway upstream.
@@ -58,6 +63,8 @@ class ForwardResult:
     # "upstream": the upstream's answer as it was; "gateway": made here (errors, echo,
     # converted answers).
     origin: str = "upstream"
+    # Body bytes of `stream` already read to judge its first event: sent first.
+    stream_first: bytes = b""
 
     @property
     def tries(self) -> list[Attempt]:
@@ -83,8 +90,10 @@ def gateway_error(status: int, message: str, type_: str, code: str, **extra) -> 
     )
 
 
-# Failed attempts move on to the next key of the same channel or to the next channel.
-NEXT_KEY, NEXT_CHANNEL = "next_key", "next_channel"
+# How much of a stream is read, at most, to find its first event before serving it.
+MAX_FIRST_EVENT = 256 * 1024
+# The longest cooldown an upstream's own announcement (GLM 1308's reset time) may set.
+MAX_ANNOUNCED_COOLDOWN = 7 * 24 * 3600.0
 
 
 @dataclasses.dataclass
@@ -100,6 +109,7 @@ class AttemptRun:
     client_headers: list[tuple[str, str]]
     budget: int
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
+    caps: LearnedCaps = dataclasses.field(default_factory=LearnedCaps)
     last_answer: ForwardResult | None = None
     soonest_retry: float | None = None
     any_timeout: bool = False
@@ -134,6 +144,7 @@ class Forwarder:
 
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
+        self.caps = LearnedCaps()
 
     async def forward(
         self,
@@ -144,7 +155,9 @@ class Forwarder:
         raw_body: bytes,
         client_headers: Iterable[tuple[str, str]],
     ) -> ForwardResult:
-        run = AttemptRun(config, health, plan, request, raw_body, list(client_headers), config.max_attempts)
+        run = AttemptRun(
+            config, health, plan, request, raw_body, list(client_headers), config.max_attempts, caps=self.caps,
+        )
         for route in plan.routes:
             if (served := await self.try_channel(run, route)) is not None:
                 return served
@@ -194,9 +207,10 @@ class Forwarder:
         return index
 
     async def attempt(
-        self, run: AttemptRun, route: Route, index: int, probe: bool
+        self, run: AttemptRun, route: Route, index: int, probe: bool, retry: bool = False
     ) -> tuple[ForwardResult | None, str]:
-        """One upstream request: (the answer to serve, "") or (None, NEXT_KEY|NEXT_CHANNEL)."""
+        """One upstream request: (the answer to serve, "") or (None, NEXT_KEY|NEXT_CHANNEL).
+        `retry`: this is the one retry on the same key after learning the upstream's cap."""
         channel = route.channel
         breaker = run.health.breakers[channel.name]
         attempt = run.start(route, index)
@@ -205,6 +219,7 @@ class Forwarder:
             return answer_echo(run, route, attempt), ""
 
         body = attempt_body(run, route)
+        sent_at = time.monotonic()
         try:
             response = await self.send(run, channel, index, body)
         except UpstreamError as e:
@@ -213,15 +228,10 @@ class Forwarder:
             return None, NEXT_CHANNEL  # a connection-level failure: the next channel, not the next key
 
         status = response.status
-        upstream_headers = list(response.headers.items())
-        label = channel.key_label(index)
+        headers = list(response.headers.items())
+        fields = {"key_label": channel.key_label(index), "sent_body": body}
         if status < 300 and is_event_stream(response.headers.get("content-type")):
-            attempt.outcome, attempt.ok = str(status), True
-            breaker.record(True, time.time(), probe)
-            return run.result(
-                route, status, response.reason or "", response_headers_for_client(upstream_headers, True),
-                stream=response, key_label=label, sent_body=body,
-            ), ""
+            return await self.take_stream(run, route, index, attempt, probe, response, sent_at, fields)
 
         try:
             answer = await self.read(run, channel, response)
@@ -230,20 +240,70 @@ class Forwarder:
             breaker.record(False, time.time(), probe)
             return None, NEXT_CHANNEL
 
-        verdict = self.judge(status, answer)
-        # The reason may quote the upstream's message, which may quote the key.
-        attempt.outcome = scrub_text(verdict.reason or str(status), run.config.secrets)
+        verdict = self.judge(status, answer, channel, response.headers.get("content-type"))
         result = run.result(
-            route, status, response.reason or "", response_headers_for_client(upstream_headers, False),
-            body=answer, key_label=label, sent_body=body,
+            route, status, response.reason or "", response_headers_for_client(headers, False), body=answer, **fields,
         )
-        if verdict.action == "serve":
-            attempt.ok = status < 400
+        if not retry and verdict.action == SERVE and self.learn_cap(run, route, status, answer, body):
+            attempt.outcome = f"{status} output cap {self.caps.get(channel.name, route.upstream_model)} learnt, retrying"
             breaker.record(True, time.time(), probe)
-            return (_as_event_stream(result) if run.request.stream and status < 300 else result), ""
+            return await self.attempt(run, route, index, probe, retry=True)
+        return self.settle(run, route, index, attempt, probe, verdict, result)
 
+    async def take_stream(
+        self, run: AttemptRun, route: Route, index: int, attempt: Attempt, probe: bool,
+        response: aiohttp.ClientResponse, sent_at: float, fields: dict,
+    ) -> tuple[ForwardResult | None, str]:
+        """A 2xx event stream: read its first event and judge it before any byte goes to
+        the client. An error there is a failed attempt like an error answer; otherwise
+        the stream is served, starting with the bytes read."""
+        channel = route.channel
+        breaker = run.health.breakers[channel.name]
+        status = response.status
+        try:
+            first, data = await self.read_first_event(channel, response, sent_at)
+        except asyncio.CancelledError:
+            response.close()
+            raise
+        except UpstreamError as e:
+            response.close()
+            run.fail(attempt, e, prefix=f"{status} stream, then ")
+            breaker.record(False, time.time(), probe)
+            return None, NEXT_CHANNEL
+        headers = response_headers_for_client(list(response.headers.items()), True)
+        verdict = judge_first_event(data, channel.preset)
+        if verdict is None:
+            attempt.outcome, attempt.ok = str(status), True
+            breaker.record(True, time.time(), probe)
+            return run.result(
+                route, status, response.reason or "", headers, stream=response, stream_first=first, **fields,
+            ), ""
+        response.close()
+        said = verdict.reason.removeprefix(f"{status} ")
+        verdict = dataclasses.replace(verdict, reason=f"{status} stream, first event: {said}")
+        result = run.result(route, status, response.reason or "", headers, body=first, **fields)
+        return self.settle(run, route, index, attempt, probe, verdict, result, dict(response.headers.items()))
+
+    def settle(
+        self, run: AttemptRun, route: Route, index: int, attempt: Attempt, probe: bool,
+        verdict: Verdict, result: ForwardResult, upstream_headers: dict[str, str] | None = None,
+    ) -> tuple[ForwardResult | None, str]:
+        """Act on a verdict: serve, refuse, or penalise the key and move on."""
+        channel = route.channel
+        breaker = run.health.breakers[channel.name]
+        # The reason may quote the upstream's message, which may quote the key.
+        attempt.outcome = scrub_text(verdict.reason or str(result.status), run.config.secrets)
+        if verdict.action == SERVE:
+            attempt.ok = result.status < 400
+            breaker.record(True, time.time(), probe)
+            return (_as_event_stream(result) if run.request.stream and result.ok else result), ""
+        if verdict.action == REFUSE:
+            breaker.record(True, time.time(), probe)
+            return refused(run, result, attempt.outcome), ""
         run.last_answer = result
-        penalise(run.health.pools[channel.name], index, verdict, dict(upstream_headers))
+        if upstream_headers is None:
+            upstream_headers = dict(result.headers)
+        penalise(run.health.pools[channel.name], index, verdict, upstream_headers)
         # A key-level refusal still shows the channel itself is up.
         breaker.record(not verdict.channel_failure, time.time(), probe)
         return None, NEXT_CHANNEL if verdict.action == NEXT_CHANNEL else NEXT_KEY
@@ -261,9 +321,48 @@ class Forwarder:
             MAX_BUFFERED_BODY, channel.timeouts.total,
         )
 
+    async def read_first_event(
+        self, channel: Channel, response: aiohttp.ClientResponse, sent_at: float
+    ) -> tuple[bytes, bytes | None]:
+        """(the bytes read, the first event's data): read until the first event that is not
+        a comment, within what is left of `timeouts.response_headers` (the wait for the
+        stream to start). UpstreamError if none comes."""
+        limit = channel.timeouts.response_headers
+        left = None if limit is None else max(0.0, limit - (time.monotonic() - sent_at))
+        buffer = b""
+        try:
+            async with asyncio.timeout(left):
+                while len(buffer) < MAX_FIRST_EVENT:
+                    chunk = await response.content.readany()
+                    if not chunk:
+                        if not buffer.strip():
+                            raise UpstreamError("stream ended before its first event")
+                        return buffer, first_event_data(buffer + b"\n\n")[1]
+                    buffer += chunk
+                    complete, data = first_event_data(buffer)
+                    if complete:
+                        return buffer, data
+        except TimeoutError:
+            raise UpstreamError(f"no stream event within {limit:g}s (timeouts.response_headers)", timeout=True) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError(f"connection broke before the first event: {type(e).__name__}") from None
+        return buffer, None  # a first event this large is not an error report: serve it
+
     @staticmethod
-    def judge(status: int, answer: bytes) -> Verdict:
-        return judge_status(status, answer)
+    def judge(status: int, answer: bytes, channel: Channel, content_type: str | None) -> Verdict:
+        return judge_answer(status, answer, channel.preset, content_type)
+
+    def learn_cap(self, run: AttemptRun, route: Route, status: int, answer: bytes, sent: bytes) -> bool:
+        """Whether the answer announced an output cap below what was sent (now remembered
+        for this channel and upstream model)."""
+        cap = announced_cap(status, answer)
+        if cap is None or run.budget <= 0:
+            return False
+        asked = requested_output(sent)
+        if asked is None or asked <= cap:
+            return False
+        self.caps.learn(route.channel.name, route.upstream_model, cap)
+        return True
 
 
 def _deadline(request: ChatRequest, channel: Channel) -> float | None:
@@ -281,17 +380,36 @@ def attempt_body(run: AttemptRun, route: Route) -> bytes:
     body = replace_model(run.raw_body, run.request, route.upstream_model)
     if route.channel.stream_usage:
         body = with_stream_usage(body, run.request)
+    # Learned output caps (caps.py) apply last, to whatever the body builder made.
+    if (cap := run.caps.get(route.channel.name, route.upstream_model)) is not None:
+        body, _ = apply_cap(body, cap)
     return body
 # ---------------------------------------------------------------------------------------
 
 
 def penalise(pool: KeyPool, index: int, verdict: Verdict, headers: dict[str, str]) -> None:
-    """What a failed answer costs the key that got it."""
-    if verdict.key_penalty == "cooldown":
-        wait = parse_retry_after(headers, time.time())
-        pool.cool_down(index, pool.channel.cooldown if wait is None else wait, time.time())
-    elif verdict.key_penalty == "disable":
+    """What a failed answer costs the key that got it. A cooldown lasts until the reset the
+    upstream announced, else for its Retry-After, else the channel's `cooldown`."""
+    now = time.time()
+    if verdict.key_penalty == COOLDOWN:
+        wait = parse_retry_after(headers, now)
+        if verdict.cool_until is not None and verdict.cool_until > now:
+            wait = min(verdict.cool_until - now, MAX_ANNOUNCED_COOLDOWN)
+        pool.cool_down(index, pool.channel.cooldown if wait is None else wait, now)
+    elif verdict.key_penalty == DISABLE:
         pool.disable(index, verdict.reason)
+
+
+def refused(run: AttemptRun, result: ForwardResult, why: str) -> ForwardResult:
+    """A request error inside a 200 (MiniMax's base_resp 2013): every channel would refuse
+    the request too, so the client hears it as the 400 it is."""
+    return gateway_error(
+        400, f"The upstream {result.route.channel.name!r} refused the request: {why}. Change the "
+        f"request (parameters, messages) and send it again.",
+        "invalid_request_error", "upstream_rejected_request",
+        route=result.route, key_label=result.key_label, upstream_url=result.upstream_url,
+        sent_body=result.sent_body, attempts=run.attempts, candidates=len(run.plan.routes),
+    )
 
 
 def answer_echo(run: AttemptRun, route: Route, attempt: Attempt) -> ForwardResult:
