@@ -279,7 +279,7 @@ class Forwarder:
                 route, status, response.reason or "", headers, stream=response, stream_first=first, **fields,
             ), ""
         response.close()
-        said = verdict.reason.removeprefix(f"{status} ")
+        said = verdict.reason.removeprefix(f"{status} ").removeprefix("with an error body: ")
         verdict = dataclasses.replace(verdict, reason=f"{status} stream, first event: {said}")
         result = run.result(route, status, response.reason or "", headers, body=first, **fields)
         return self.settle(run, route, index, attempt, probe, verdict, result, dict(response.headers.items()))

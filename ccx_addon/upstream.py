@@ -168,6 +168,22 @@ class UpstreamClient:
         finally:
             response.release()
 
+    async def get(self, url: str, headers: dict[str, str], timeout: float, limit: int) -> tuple[int, bytes]:
+        """A small GET (an upstream's /models list): status and body, within `timeout`
+        seconds and `limit` bytes, or UpstreamError."""
+        session = self._ensure_session()
+        try:
+            async with asyncio.timeout(timeout):
+                async with session.get(url, headers=headers, allow_redirects=False) as response:
+                    body = await response.content.read(limit + 1)
+                    if len(body) > limit:
+                        raise UpstreamError(f"response body larger than {limit} bytes")
+                    return response.status, body
+        except TimeoutError:
+            raise UpstreamError(f"no answer within {timeout:g}s", timeout=True) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError(f"connection failed: {type(e).__name__}") from None
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
