@@ -327,6 +327,8 @@ class Forwarder:
         """(the bytes read, the first event's data): read until the first event that is not
         a comment, within what is left of `timeouts.response_headers` (the wait for the
         stream to start). UpstreamError if none comes."""
+        if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            return b"", None  # encoded events cannot be judged here; the hand-over deals with them
         limit = channel.timeouts.response_headers
         left = None if limit is None else max(0.0, limit - (time.monotonic() - sent_at))
         buffer = b""
