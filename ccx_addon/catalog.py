@@ -99,6 +99,8 @@ class ModelCatalog:
         while True:
             refresh = ctx.options.ccx_models_refresh
             config, health = self.state.config, self.state.health
+            if config is not None and forget_removed(self.cache, config.channels):
+                self.publish()
             if refresh > 0 and config is not None and health is not None:
                 for channel in due_channels(config.channels, self.cache, refresh, time.time()):
                     if channel.name not in self._fetches:
@@ -142,6 +144,15 @@ class ModelCatalog:
         self.state.upstream_models = {
             name: (entry.base_url, entry.names) for name, entry in self.cache.items() if entry.names
         }
+
+
+def forget_removed(cache: dict[str, CachedList], channels) -> bool:
+    """Drop the lists of channels a reload removed, so the cache stays as large as the
+    config. Whether any was dropped."""
+    removed = set(cache) - {c.name for c in channels}
+    for name in removed:
+        del cache[name]
+    return bool(removed)
 
 
 def due_channels(channels, cache: dict[str, CachedList], refresh: float, now: float) -> list[Channel]:

@@ -303,6 +303,8 @@ class Forwarder:
         run.last_answer = result
         if upstream_headers is None:
             upstream_headers = dict(result.headers)
+        # The disable reason shows in /health: the scrubbed text, never the upstream's own.
+        verdict = dataclasses.replace(verdict, reason=attempt.outcome)
         penalise(run.health.pools[channel.name], index, verdict, upstream_headers)
         # A key-level refusal still shows the channel itself is up.
         breaker.record(not verdict.channel_failure, time.time(), probe)

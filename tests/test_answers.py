@@ -346,3 +346,25 @@ def test_models_never_wait_for_an_upstream(gateway, upstreams):
     # The fetch hangs (for an hour); the list still answers, from the config.
     assert listed(gw) == ["kimi-k2"]
     assert ask(gw, model="kimi-k2").status_code == 200
+
+
+def test_an_upstream_echoing_the_key_in_its_error_leaks_it_nowhere_in_mitmdump(upstreams, write_config, tmp_path):
+    """The disable reason quotes the upstream's message, which may quote the key: /health,
+    the answer and the log show it masked."""
+    def echo_key(r):
+        return json_answer(429, {"error": {"code": "1113", "message": f"余额不足 for key {key_of(r)}"}})
+
+    up = upstreams(echo_key)
+    gw = start_gateway(write_config(config(channel("glm", up.url + "/v1", keys=(K1, K2), extra="preset: glm"))),
+                       tmp_path, "--set", "flow_detail=4")
+    try:
+        for stream in (False, True):
+            r = ask(gw, stream=stream)
+            assert r.status_code in (429, 503) and K1 not in r.text and K2 not in r.text
+        health_text = httpx.get(gw.url + "/health", headers=AUTH, timeout=5).text
+        state = json.loads(health_text)["channels"]["glm"]["keys"]
+        assert all(k["disabled"] and "429 quota or balance used up" in k["disabled"] for k in state)
+        for secret in (K1, K2, PROXY_KEY):
+            assert secret not in health_text and secret not in gw.log()
+    finally:
+        gw.stop()
