@@ -128,3 +128,22 @@ def test_due_channels_and_listed_models():
 
 def test_check_says_which_upstream_lists_are_added():
     assert "upstream model lists of: ds\n" in format_config_summary(parse_config(CONFIG)) + "\n"
+
+
+def test_list_upstream_models_is_validated():
+    import pytest
+
+    from ccx_addon.config import ConfigError
+
+    base = 'proxy_access_keys: ["pk"]\nchannels:\n  - name: a\n    base_url: {url}\n{keys}    list_upstream_models: {value}\n'
+    config = parse_config(base.format(url="http://h/v1", keys='    api_keys: ["k"]\n', value="true"))
+    assert config.channels[0].lists_upstream_models and config.channels[0].models_url == "http://h/v1/models"
+    config = parse_config(base.format(url="http://h/v1", keys='    api_keys: ["k"]\n', value="off"))
+    assert not config.channels[0].lists_upstream_models
+    with pytest.raises(ConfigError, match=r"<config>, line 6, channels\[0\].list_upstream_models: must be true or false"):
+        parse_config(base.format(url="http://h/v1", keys='    api_keys: ["k"]\n', value="[1]"))
+    with pytest.raises(ConfigError, match="the echo: channel has no upstream model list"):
+        parse_config(base.format(url="'echo:'", keys="", value="true"))
+    # The default: on with a preset, off without one, never for echo.
+    assert parse_config(CONFIG).channels[0].lists_upstream_models
+    assert not parse_config(CONFIG).channels[1].lists_upstream_models
