@@ -442,9 +442,9 @@ def every_candidate_failed(run: AttemptRun) -> ForwardResult:
         )
     if (last := run.last_answer) is not None:
         last.attempts = attempts
-        if last.ok:  # a 200 with an error inside: never hand that on as a success
+        if last.status < 400:  # a 200 with an error inside, an HTML page, a redirect: never hand those on
             return gateway_error(
-                502, f"The upstream answered 200 with an error. Tried: {summary}.",
+                502, f"No upstream gave a usable answer for model {run.plan.model!r}. Tried: {summary}.",
                 "upstream_error", "upstream_error", attempts=attempts, candidates=candidates,
             )
         return last

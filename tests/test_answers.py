@@ -254,12 +254,19 @@ def test_html_and_redirects_fail_over(gateway, upstreams, answer, outcome, strea
     assert attempts[0]["outcome"] == outcome and attempts[1]["outcome"] == "200"
 
 
-def test_html_from_the_only_channel_is_a_502_naming_it(gateway, upstreams):
-    odd = upstreams(lambda r: [("send", http_head(200, {"content-type": "text/html", "content-length": str(len(HTML))}) + HTML)])
+@pytest.mark.parametrize("answer, outcome", [
+    (lambda r: [("send", http_head(200, {"content-type": "text/html", "content-length": str(len(HTML))}) + HTML)],
+     "200 text/html where JSON was expected"),
+    (lambda r: [("send", http_head(302, {"location": "https://login.example/", "content-length": "0"}))],
+     "302 redirect"),
+])
+def test_html_or_redirect_from_the_only_channel_is_a_502_naming_it(gateway, upstreams, answer, outcome):
+    odd = upstreams(answer)
     gw = gateway(config(channel("odd", odd.url + "/v1", keys=(K1,))))
-    r = ask(gw)
-    assert r.status_code == 502
-    assert "odd (odd#1): 200 text/html where JSON was expected" in error_of(r)["message"]
+    for stream in (False, True):
+        r = ask(gw, stream=stream)
+        assert r.status_code == 502 and "location" not in r.headers
+        assert f"odd (odd#1): {outcome}" in error_of(r)["message"]
 
 
 # --- learned output caps ------------------------------------------------------------------
