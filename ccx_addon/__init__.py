@@ -8,6 +8,7 @@ def make_addons() -> list:
     """The gateway's addons, in hook order, sharing one state."""
     from .access import AccessGate
     from .backstop import UnhandledRequestGuard
+    from .catalog import ModelCatalog
     from .configstore import ConfigStore
     from .explain import Explain
     from .flowlist import CommentColumn, FlowLimit
@@ -17,11 +18,13 @@ def make_addons() -> list:
     from .state import GatewayState
 
     state = GatewayState()
+    gateway = ChatGateway(state)
     return [
         ReverseModeDefaults(),
         ConfigStore(state),
         AccessGate(state),
-        ChatGateway(state),
+        ModelCatalog(state, gateway.client),  # before the gateway: stopped before its client closes
+        gateway,
         FlowView(state),
         CommentColumn(),
         FlowLimit(),

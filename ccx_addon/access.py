@@ -149,7 +149,7 @@ class AccessGate:
     def serve_models(self, flow: http.HTTPFlow, record: FlowRecord, endpoint: Endpoint) -> None:
         config = self.state.config
         if endpoint.name == "models":
-            data = [self.model_object(name) for name in listed_models(config)]
+            data = [self.model_object(name) for name in listed_models(config, self.state.upstream_models)]
             self.answer(flow, {"object": "list", "data": data})
             return
         model = flow.request.path.split("?", 1)[0].rstrip("/").split("/v1/models/", 1)[1]

@@ -73,6 +73,8 @@ class Channel:
     timeouts: Timeouts = Timeouts()
     # Why an enabled-looking channel cannot serve (e.g. its key env vars are all empty).
     inactive_reason: str = ""
+    # Add the upstream's own GET /models list to /v1/models; None: on when a preset is set.
+    list_upstream_models: bool | None = None
 
     @property
     def is_echo(self) -> bool:
@@ -81,6 +83,16 @@ class Channel:
     @property
     def active(self) -> bool:
         return self.enabled and not self.inactive_reason
+
+    @property
+    def lists_upstream_models(self) -> bool:
+        if self.is_echo:
+            return False
+        return bool(self.preset) if self.list_upstream_models is None else self.list_upstream_models
+
+    @property
+    def models_url(self) -> str:
+        return self.base_url.rstrip("/") + "/models"
 
     @property
     def chat_url(self) -> str:
@@ -297,7 +309,7 @@ _TOP_FIELDS = {"proxy_access_keys", "channels", "circuit_breaker", "max_attempts
 _CHANNEL_FIELDS = {
     "name", "base_url", "api_keys", "priority", "enabled", "supported_models",
     "model_mapping", "fallback", "auth_header", "headers", "stream_usage", "cooldown",
-    "timeouts", "preset",
+    "timeouts", "preset", "list_upstream_models",
 }
 _TIMEOUT_FIELDS = {f.name for f in dataclasses.fields(Timeouts)}
 _BREAKER_FIELDS = {f.name for f in dataclasses.fields(BreakerSettings)}
@@ -442,6 +454,7 @@ def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> 
         if preset not in PRESET_NAMES + ("none", ""):
             raise check.fail(f"{path}.preset", fields["preset"], f"unknown preset (expected one of: {', '.join(PRESET_NAMES)}, none)")
         changes["preset"] = "" if preset == "none" else preset
+    changes.update(_parse_model_listing(check, path, fields, base_url))
     if "cooldown" in fields:
         changes["cooldown"] = check.number(f"{path}.cooldown", fields["cooldown"])
     if "timeouts" in fields:
@@ -452,6 +465,17 @@ def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> 
         }
         changes["timeouts"] = dataclasses.replace(Timeouts(), **values)
     return dataclasses.replace(channel, **changes)
+
+
+def _parse_model_listing(check: _Validator, path: str, fields: dict[str, _Located], base_url: str) -> dict[str, Any]:
+    """`list_upstream_models`: whether /v1/models includes the upstream's own model list."""
+    if "list_upstream_models" not in fields:
+        return {}
+    item = fields["list_upstream_models"]
+    value = check.boolean(f"{path}.list_upstream_models", item)
+    if value and base_url == ECHO_BASE_URL:
+        raise check.fail(f"{path}.list_upstream_models", item, "the echo: channel has no upstream model list")
+    return {"list_upstream_models": value}
 
 
 def load_config(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> GatewayConfig:

@@ -124,6 +124,8 @@ def format_config_summary(config: GatewayConfig) -> str:
     lines.append(f"  serving through: {', '.join(active) or 'nothing (no active channel)'}")
     models = listed_models(config)
     lines.append(f"  /v1/models lists: {', '.join(models) or '(none: no active channel names an exact model)'}")
+    if fetched := [c.name for c in config.channels if c.active and c.lists_upstream_models]:
+        lines.append(f"  /v1/models also lists, once fetched, the upstream model lists of: {', '.join(fetched)}")
     return "\n".join(lines)
 
 

@@ -10,16 +10,21 @@ from collections.abc import Iterable
 import aiohttp
 
 from .body import ChatRequest, replace_model, with_stream_usage
-from .config import GatewayConfig
+from .caps import LearnedCaps, announced_cap, apply_cap, requested_output
+from .config import Channel, GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
-from .health import HealthRegistry
+from .health import HealthRegistry, KeyPool
 from .redact import scrub_text
 from .routing import Route, RoutePlan
 from .sse import completion_to_events, is_event_stream
 from .upstream import (
-    UpstreamClient, UpstreamError, judge_status, parse_retry_after,
-    response_headers_for_client, upstream_request_headers,
+    UpstreamClient, UpstreamError, parse_retry_after, response_headers_for_client,
+    upstream_request_headers,
+)
+from .verdicts import (
+    COOLDOWN, DISABLE, NEXT_CHANNEL, NEXT_KEY, REFUSE, SERVE, Verdict, first_event_data,
+    judge_answer, judge_first_event,
 )
 
 # Error bodies and non-streamed answers are read whole; this bounds a runaway upstream.
@@ -58,6 +63,8 @@ class ForwardResult:
     # "upstream": the upstream's answer as it was; "gateway": made here (errors, echo,
     # converted answers).
     origin: str = "upstream"
+    # Body bytes of `stream` already read to judge its first event: sent first.
+    stream_first: bytes = b""
 
     @property
     def tries(self) -> list[Attempt]:
@@ -83,9 +90,61 @@ def gateway_error(status: int, message: str, type_: str, code: str, **extra) -> 
     )
 
 
+# How much of a stream is read, at most, to find its first event before serving it.
+MAX_FIRST_EVENT = 256 * 1024
+# The longest cooldown an upstream's own announcement (GLM 1308's reset time) may set.
+MAX_ANNOUNCED_COOLDOWN = 7 * 24 * 3600.0
+
+
+@dataclasses.dataclass
+class AttemptRun:
+    """One client request's walk through its candidates: what it may still spend and what
+    it has learnt so far (attempts, the last upstream answer, when a resting key is back)."""
+
+    config: GatewayConfig
+    health: HealthRegistry
+    plan: RoutePlan
+    request: ChatRequest
+    raw_body: bytes
+    client_headers: list[tuple[str, str]]
+    budget: int
+    attempts: list[Attempt] = dataclasses.field(default_factory=list)
+    caps: LearnedCaps = dataclasses.field(default_factory=LearnedCaps)
+    last_answer: ForwardResult | None = None
+    soonest_retry: float | None = None
+    any_timeout: bool = False
+
+    def skip(self, route: Route, why: str, ready_at: float | None) -> None:
+        """A channel passed over without sending anything."""
+        self.attempts.append(Attempt(route.channel.name, "-", route.upstream_model, f"skipped: {why}"))
+        self.soonest_retry = _earliest(self.soonest_retry, ready_at)
+
+    def start(self, route: Route, index: int) -> Attempt:
+        channel = route.channel
+        self.budget -= 1
+        attempt = Attempt(channel.name, channel.key_label(index) if channel.api_keys else "-", route.upstream_model, "")
+        self.attempts.append(attempt)
+        return attempt
+
+    def fail(self, attempt: Attempt, error: "UpstreamError", prefix: str = "") -> None:
+        attempt.outcome = prefix + error.reason
+        self.any_timeout = self.any_timeout or error.timeout
+
+    def result(self, route: Route, status: int, reason: str, headers, **fields) -> ForwardResult:
+        return ForwardResult(
+            status, reason, headers, route=route, upstream_url=route.channel.chat_url,
+            attempts=self.attempts, candidates=len(self.plan.routes), **fields,
+        )
+
+
 class Forwarder:
+    """The policy, in order: channels by priority (skipping open circuits), keys round
+    robin within a channel; each attempt is sent, judged, and a failed one penalises its
+    key (cooldown, disable) and counts for or against the channel's breaker."""
+
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
+        self.caps = LearnedCaps()
 
     async def forward(
         self,
@@ -96,151 +155,305 @@ class Forwarder:
         raw_body: bytes,
         client_headers: Iterable[tuple[str, str]],
     ) -> ForwardResult:
-        client_headers = list(client_headers)
-        attempts: list[Attempt] = []
-        last_answer: ForwardResult | None = None
-        soonest_retry: float | None = None
-        any_timeout = False
-        budget = config.max_attempts
-
-        for route in plan.routes:
-            channel = route.channel
-            now = time.time()
-            breaker = health.breakers[channel.name]
-            if not breaker.allow(now):
-                attempts.append(Attempt(channel.name, "-", route.upstream_model, f"skipped: {breaker.describe(now)}"))
-                soonest_retry = _earliest(soonest_retry, breaker.retry_at(now))
-                continue
-            # Only a half-open breaker's probe may close or re-open it.
-            probe = breaker.state == breaker.HALF_OPEN
-            pool = health.pools[channel.name]
-            tried: set[int] = set()
-            probe_used = False
-            while budget > 0:
-                index, why_not = pool.pick(time.time(), tried)
-                if index is None:
-                    if not tried:  # after tries of its own, the channel needs no excuse
-                        attempts.append(Attempt(channel.name, "-", route.upstream_model, f"skipped: {why_not}"))
-                        soonest_retry = _earliest(soonest_retry, pool.soonest_ready(time.time()))
-                    break
-                tried.add(index)
-                budget -= 1
-                probe_used = True
-                label = channel.key_label(index)
-                attempt = Attempt(channel.name, label if channel.api_keys else "-", route.upstream_model, "")
-                attempts.append(attempt)
-
-                if channel.is_echo:
-                    content_type, body = echo_reply(request, route.upstream_model)
-                    attempt.outcome, attempt.ok = "200 echo", True
-                    breaker.record(True, time.time(), probe)
-                    return ForwardResult(
-                        200, "OK", [("content-type", content_type)], body=body, route=route,
-                        key_label="-", upstream_url="echo:", sent_body=raw_body,
-                        attempts=attempts, candidates=len(plan.routes), origin="gateway",
-                    )
-
-                body = replace_model(raw_body, request, route.upstream_model)
-                if channel.stream_usage:
-                    body = with_stream_usage(body, request)
-                headers = upstream_request_headers(client_headers, channel, channel.api_keys[index])
-                # A non-streaming exchange is bounded as a whole, headers and body.
-                deadline = None if request.stream or channel.timeouts.total is None else (
-                    time.monotonic() + channel.timeouts.total)
-                try:
-                    response = await self.client.open(channel, headers, body, deadline)
-                except asyncio.CancelledError:
-                    breaker.release_probe()  # the client left; no verdict on the channel
-                    raise
-                except UpstreamError as e:
-                    attempt.outcome = e.reason
-                    any_timeout = any_timeout or e.timeout
-                    breaker.record(False, time.time(), probe)
-                    break  # a connection-level failure: the next channel, not the next key
-
-                status = response.status
-                upstream_headers = list(response.headers.items())
-                streaming = status < 300 and is_event_stream(response.headers.get("content-type"))
-                if streaming:
-                    attempt.outcome, attempt.ok = str(status), True
-                    breaker.record(True, time.time(), probe)
-                    return ForwardResult(
-                        status, response.reason or "", response_headers_for_client(upstream_headers, True),
-                        stream=response, route=route, key_label=label, upstream_url=channel.chat_url,
-                        sent_body=body, attempts=attempts, candidates=len(plan.routes),
-                    )
-
-                try:
-                    answer = await self.client.read_body(
-                        response, channel.timeouts.total if deadline is None
-                        else max(0.0, deadline - time.monotonic()),
-                        MAX_BUFFERED_BODY, channel.timeouts.total,
-                    )
-                except asyncio.CancelledError:
-                    breaker.release_probe()
-                    raise
-                except UpstreamError as e:
-                    attempt.outcome = f"{status}, then {e.reason}"
-                    any_timeout = any_timeout or e.timeout
-                    breaker.record(False, time.time(), probe)
-                    break
-
-                verdict = judge_status(status, answer)
-                # The reason may quote the upstream's message, which may quote the key.
-                attempt.outcome = scrub_text(verdict.reason or str(status), config.secrets)
-                result = ForwardResult(
-                    status, response.reason or "", response_headers_for_client(upstream_headers, False),
-                    body=answer, route=route, key_label=label, upstream_url=channel.chat_url,
-                    sent_body=body, attempts=attempts, candidates=len(plan.routes),
-                )
-                if verdict.action == "serve":
-                    attempt.ok = status < 400
-                    breaker.record(True, time.time(), probe)
-                    if request.stream and status < 300:
-                        return _as_event_stream(result)
-                    return result
-
-                last_answer = result
-                if verdict.key_penalty == "cooldown":
-                    wait = parse_retry_after(dict(upstream_headers), time.time())
-                    pool.cool_down(index, channel.cooldown if wait is None else wait, time.time())
-                elif verdict.key_penalty == "disable":
-                    pool.disable(index, verdict.reason)
-                # A key-level refusal still shows the channel itself is up.
-                breaker.record(not verdict.channel_failure, time.time(), probe)
-                if verdict.action == "next_channel":
-                    break
-            if not probe_used:
-                breaker.release_probe()
-            if budget <= 0:
-                break
-
-        candidates = len(plan.routes)
-        tried = [a for a in attempts if not a.skipped]
-        summary = "; ".join(f"{a.channel} ({a.key}): {a.outcome}" for a in attempts)
-        if not tried:
-            return gateway_error(
-                503,
-                f"Every channel for model {plan.model!r} has its keys cooling down or disabled "
-                f"or its circuit open, so the gateway did not call any upstream. {summary}.",
-                "service_unavailable", "channels_unavailable",
-                retry_after=None if soonest_retry is None else soonest_retry - time.time(),
-                attempts=attempts, candidates=candidates,
-            )
-        if last_answer is not None:
-            last_answer.attempts = attempts
-            if last_answer.ok:  # a 200 with an error inside: never hand that on as a success
-                return gateway_error(
-                    502, f"The upstream answered 200 with an error. Tried: {summary}.",
-                    "upstream_error", "upstream_error", attempts=attempts, candidates=candidates,
-                )
-            return last_answer
-        status, code = (504, "upstream_timeout") if any_timeout else (502, "upstream_unreachable")
-        return gateway_error(
-            status,
-            f"No upstream answered for model {plan.model!r}. Tried: {summary}.",
-            "upstream_error", code, attempts=attempts, candidates=candidates,
+        run = AttemptRun(
+            config, health, plan, request, raw_body, list(client_headers), config.max_attempts, caps=self.caps,
         )
+        for route in plan.routes:
+            if (served := await self.try_channel(run, route)) is not None:
+                return served
+            if run.budget <= 0:
+                break
+        return every_candidate_failed(run)
+
+    async def try_channel(self, run: AttemptRun, route: Route) -> ForwardResult | None:
+        """The channel's keys in turn until one answers, the channel itself fails, or the
+        budget is spent. None: move on to the next channel."""
+        breaker = run.health.breakers[route.channel.name]
+        now = time.time()
+        if not breaker.allow(now):
+            run.skip(route, breaker.describe(now), breaker.retry_at(now))
+            return None
+        # Only a half-open breaker's probe may close or re-open it.
+        probe = breaker.state == breaker.HALF_OPEN
+        tried: set[int] = set()
+        try:
+            while run.budget > 0:
+                index = self.next_key(run, route, tried)
+                if index is None:
+                    break
+                served, move_on = await self.attempt(run, route, index, probe)
+                if served is not None:
+                    return served
+                if move_on == NEXT_CHANNEL:
+                    break
+        except asyncio.CancelledError:
+            breaker.release_probe()  # the client left; no verdict on the channel
+            raise
+        if not tried:
+            breaker.release_probe()
+        return None
+
+    @staticmethod
+    def next_key(run: AttemptRun, route: Route, tried: set[int]) -> int | None:
+        """The channel's next usable key, or None (recorded as a skip when the channel had
+        no try of its own: after tries, the channel needs no excuse)."""
+        pool = run.health.pools[route.channel.name]
+        index, why_not = pool.pick(time.time(), tried)
+        if index is None:
+            if not tried:
+                run.skip(route, why_not, pool.soonest_ready(time.time()))
+            return None
+        tried.add(index)
+        return index
+
+    async def attempt(
+        self, run: AttemptRun, route: Route, index: int, probe: bool, retry: bool = False
+    ) -> tuple[ForwardResult | None, str]:
+        """One upstream request: (the answer to serve, "") or (None, NEXT_KEY|NEXT_CHANNEL).
+        `retry`: this is the one retry on the same key after learning the upstream's cap."""
+        channel = route.channel
+        breaker = run.health.breakers[channel.name]
+        attempt = run.start(route, index)
+        if channel.is_echo:
+            breaker.record(True, time.time(), probe)
+            return answer_echo(run, route, attempt), ""
+
+        body = attempt_body(run, route)
+        sent_at = time.monotonic()
+        try:
+            response = await self.send(run, channel, index, body)
+        except UpstreamError as e:
+            run.fail(attempt, e)
+            breaker.record(False, time.time(), probe)
+            return None, NEXT_CHANNEL  # a connection-level failure: the next channel, not the next key
+
+        status = response.status
+        headers = list(response.headers.items())
+        fields = {"key_label": channel.key_label(index), "sent_body": body}
+        if status < 300 and is_event_stream(response.headers.get("content-type")):
+            return await self.take_stream(run, route, index, attempt, probe, response, sent_at, fields)
+
+        try:
+            answer = await self.read(run, channel, response)
+        except UpstreamError as e:
+            run.fail(attempt, e, prefix=f"{status}, then ")
+            breaker.record(False, time.time(), probe)
+            return None, NEXT_CHANNEL
+
+        verdict = self.judge(status, answer, channel, response.headers.get("content-type"))
+        result = run.result(
+            route, status, response.reason or "", response_headers_for_client(headers, False), body=answer, **fields,
+        )
+        if not retry and verdict.action == SERVE and self.learn_cap(run, route, status, answer, body):
+            attempt.outcome = f"{status} output cap {self.caps.get(channel.name, route.upstream_model)} learnt, retrying"
+            breaker.record(True, time.time(), probe)
+            return await self.attempt(run, route, index, probe, retry=True)
+        return self.settle(run, route, index, attempt, probe, verdict, result)
+
+    async def take_stream(
+        self, run: AttemptRun, route: Route, index: int, attempt: Attempt, probe: bool,
+        response: aiohttp.ClientResponse, sent_at: float, fields: dict,
+    ) -> tuple[ForwardResult | None, str]:
+        """A 2xx event stream: read its first event and judge it before any byte goes to
+        the client. An error there is a failed attempt like an error answer; otherwise
+        the stream is served, starting with the bytes read."""
+        channel = route.channel
+        breaker = run.health.breakers[channel.name]
+        status = response.status
+        try:
+            first, data = await self.read_first_event(channel, response, sent_at)
+        except asyncio.CancelledError:
+            response.close()
+            raise
+        except UpstreamError as e:
+            response.close()
+            run.fail(attempt, e, prefix=f"{status} stream, then ")
+            breaker.record(False, time.time(), probe)
+            return None, NEXT_CHANNEL
+        headers = response_headers_for_client(list(response.headers.items()), True)
+        verdict = judge_first_event(data, channel.preset)
+        if verdict is None:
+            attempt.outcome, attempt.ok = str(status), True
+            breaker.record(True, time.time(), probe)
+            return run.result(
+                route, status, response.reason or "", headers, stream=response, stream_first=first, **fields,
+            ), ""
+        response.close()
+        said = verdict.reason.removeprefix(f"{status} ").removeprefix("with an error body: ")
+        verdict = dataclasses.replace(verdict, reason=f"{status} stream, first event: {said}")
+        result = run.result(route, status, response.reason or "", headers, body=first, **fields)
+        return self.settle(run, route, index, attempt, probe, verdict, result, dict(response.headers.items()))
+
+    def settle(
+        self, run: AttemptRun, route: Route, index: int, attempt: Attempt, probe: bool,
+        verdict: Verdict, result: ForwardResult, upstream_headers: dict[str, str] | None = None,
+    ) -> tuple[ForwardResult | None, str]:
+        """Act on a verdict: serve, refuse, or penalise the key and move on."""
+        channel = route.channel
+        breaker = run.health.breakers[channel.name]
+        # The reason may quote the upstream's message, which may quote the key.
+        attempt.outcome = scrub_text(verdict.reason or str(result.status), run.config.secrets)
+        if verdict.action == SERVE:
+            attempt.ok = result.status < 400
+            breaker.record(True, time.time(), probe)
+            return (_as_event_stream(result) if run.request.stream and result.ok else result), ""
+        if verdict.action == REFUSE:
+            breaker.record(True, time.time(), probe)
+            return refused(run, result, attempt.outcome), ""
+        run.last_answer = result
+        if upstream_headers is None:
+            upstream_headers = dict(result.headers)
+        # The disable reason shows in /health: the scrubbed text, never the upstream's own.
+        verdict = dataclasses.replace(verdict, reason=attempt.outcome)
+        penalise(run.health.pools[channel.name], index, verdict, upstream_headers)
+        # A key-level refusal still shows the channel itself is up.
+        breaker.record(not verdict.channel_failure, time.time(), probe)
+        return None, NEXT_CHANNEL if verdict.action == NEXT_CHANNEL else NEXT_KEY
+
+    async def send(self, run: AttemptRun, channel: Channel, index: int, body: bytes) -> aiohttp.ClientResponse:
+        """Open the upstream request with the channel's key; UpstreamError if no answer."""
+        headers = upstream_request_headers(run.client_headers, channel, channel.api_keys[index])
+        return await self.client.open(channel, headers, body, _deadline(run.request, channel))
+
+    async def read(self, run: AttemptRun, channel: Channel, response: aiohttp.ClientResponse) -> bytes:
+        """A buffered answer's whole body, within what is left of `timeouts.total`."""
+        deadline = _deadline(run.request, channel)
+        return await self.client.read_body(
+            response, channel.timeouts.total if deadline is None else max(0.0, deadline - time.monotonic()),
+            MAX_BUFFERED_BODY, channel.timeouts.total,
+        )
+
+    async def read_first_event(
+        self, channel: Channel, response: aiohttp.ClientResponse, sent_at: float
+    ) -> tuple[bytes, bytes | None]:
+        """(the bytes read, the first event's data): read until the first event that is not
+        a comment, within what is left of `timeouts.response_headers` (the wait for the
+        stream to start). UpstreamError if none comes."""
+        if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            return b"", None  # encoded events cannot be judged here; the hand-over deals with them
+        limit = channel.timeouts.response_headers
+        left = None if limit is None else max(0.0, limit - (time.monotonic() - sent_at))
+        buffer = b""
+        try:
+            async with asyncio.timeout(left):
+                while len(buffer) < MAX_FIRST_EVENT:
+                    chunk = await response.content.readany()
+                    if not chunk:
+                        if not buffer.strip():
+                            raise UpstreamError("stream ended before its first event")
+                        return buffer, first_event_data(buffer + b"\n\n")[1]
+                    buffer += chunk
+                    complete, data = first_event_data(buffer)
+                    if complete:
+                        return buffer, data
+        except TimeoutError:
+            raise UpstreamError(f"no stream event within {limit:g}s (timeouts.response_headers)", timeout=True) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError(f"connection broke before the first event: {type(e).__name__}") from None
+        return buffer, None  # a first event this large is not an error report: serve it
+
+    @staticmethod
+    def judge(status: int, answer: bytes, channel: Channel, content_type: str | None) -> Verdict:
+        return judge_answer(status, answer, channel.preset, content_type)
+
+    def learn_cap(self, run: AttemptRun, route: Route, status: int, answer: bytes, sent: bytes) -> bool:
+        """Whether the answer announced an output cap below what was sent (now remembered
+        for this channel and upstream model)."""
+        cap = announced_cap(status, answer)
+        if cap is None or run.budget <= 0:
+            return False
+        asked = requested_output(sent)
+        if asked is None or asked <= cap:
+            return False
+        self.caps.learn(route.channel.name, route.upstream_model, cap)
+        return True
+
+
+def _deadline(request: ChatRequest, channel: Channel) -> float | None:
+    """A non-streaming exchange is bounded as a whole, headers and body: the monotonic time
+    its `total` limit ends."""
+    if request.stream or channel.timeouts.total is None:
+        return None
+    return time.monotonic() + channel.timeouts.total
+
+
+# ---- the attempt body: the ONE place an attempt's request body is built ----------------
+def attempt_body(run: AttemptRun, route: Route) -> bytes:
+    """What this attempt sends upstream, always built from the client's own bytes, so a
+    failover never carries one channel's rewrites to the next."""
+    body = replace_model(run.raw_body, run.request, route.upstream_model)
+    if route.channel.stream_usage:
+        body = with_stream_usage(body, run.request)
+    # Learned output caps (caps.py) apply last, to whatever the body builder made.
+    if (cap := run.caps.get(route.channel.name, route.upstream_model)) is not None:
+        body, _ = apply_cap(body, cap)
+    return body
+# ---------------------------------------------------------------------------------------
+
+
+def penalise(pool: KeyPool, index: int, verdict: Verdict, headers: dict[str, str]) -> None:
+    """What a failed answer costs the key that got it. A cooldown lasts until the reset the
+    upstream announced, else for its Retry-After, else the channel's `cooldown`."""
+    now = time.time()
+    if verdict.key_penalty == COOLDOWN:
+        wait = parse_retry_after(headers, now)
+        if verdict.cool_until is not None and verdict.cool_until > now:
+            wait = min(verdict.cool_until - now, MAX_ANNOUNCED_COOLDOWN)
+        pool.cool_down(index, pool.channel.cooldown if wait is None else wait, now)
+    elif verdict.key_penalty == DISABLE:
+        pool.disable(index, verdict.reason)
+
+
+def refused(run: AttemptRun, result: ForwardResult, why: str) -> ForwardResult:
+    """A request error inside a 200 (MiniMax's base_resp 2013): every channel would refuse
+    the request too, so the client hears it as the 400 it is."""
+    return gateway_error(
+        400, f"The upstream {result.route.channel.name!r} refused the request: {why}. Change the "
+        f"request (parameters, messages) and send it again.",
+        "invalid_request_error", "upstream_rejected_request",
+        route=result.route, key_label=result.key_label, upstream_url=result.upstream_url,
+        sent_body=result.sent_body, attempts=run.attempts, candidates=len(run.plan.routes),
+    )
+
+
+def answer_echo(run: AttemptRun, route: Route, attempt: Attempt) -> ForwardResult:
+    content_type, body = echo_reply(run.request, route.upstream_model)
+    attempt.outcome, attempt.ok = "200 echo", True
+    return ForwardResult(
+        200, "OK", [("content-type", content_type)], body=body, route=route,
+        key_label="-", upstream_url="echo:", sent_body=run.raw_body,
+        attempts=run.attempts, candidates=len(run.plan.routes), origin="gateway",
+    )
+
+
+def every_candidate_failed(run: AttemptRun) -> ForwardResult:
+    """The answer when no candidate served: 503 when nothing was even tried, else the last
+    upstream error answer, else 502/504 naming each channel and why."""
+    attempts, candidates = run.attempts, len(run.plan.routes)
+    summary = "; ".join(f"{a.channel} ({a.key}): {a.outcome}" for a in attempts)
+    if not any(not a.skipped for a in attempts):
+        return gateway_error(
+            503,
+            f"Every channel for model {run.plan.model!r} has its keys cooling down or disabled "
+            f"or its circuit open, so the gateway did not call any upstream. {summary}.",
+            "service_unavailable", "channels_unavailable",
+            retry_after=None if run.soonest_retry is None else run.soonest_retry - time.time(),
+            attempts=attempts, candidates=candidates,
+        )
+    if (last := run.last_answer) is not None:
+        last.attempts = attempts
+        if last.status < 400:  # a 200 with an error inside, an HTML page, a redirect: never hand those on
+            return gateway_error(
+                502, f"No upstream gave a usable answer for model {run.plan.model!r}. Tried: {summary}.",
+                "upstream_error", "upstream_error", attempts=attempts, candidates=candidates,
+            )
+        return last
+    status, code = (504, "upstream_timeout") if run.any_timeout else (502, "upstream_unreachable")
+    return gateway_error(
+        status,
+        f"No upstream answered for model {run.plan.model!r}. Tried: {summary}.",
+        "upstream_error", code, attempts=attempts, candidates=candidates,
+    )
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

@@ -200,6 +200,7 @@ class ChatGateway:
             headers=result.headers + gateway_headers(result),
             idle_timeout=route.channel.timeouts.idle,
             on_end=on_end,
+            first=result.stream_first,
         ))
         record.handover_token = token
         # Retarget to the hand-over server; the Host header keeps naming the upstream.

@@ -4,6 +4,7 @@ Matching is case-insensitive: `GPT-5` and `gpt-5` are the same model to the gate
 """
 
 import dataclasses
+from collections.abc import Mapping
 from fnmatch import fnmatchcase
 
 from .config import Channel, GatewayConfig
@@ -120,13 +121,17 @@ def plan_routes(config: GatewayConfig, model: str) -> RoutePlan:
     return RoutePlan(model, tuple(fallback), tuple(skipped))
 
 
-def listed_models(config: GatewayConfig) -> list[str]:
+def listed_models(config: GatewayConfig, upstream: Mapping[str, tuple[str, tuple[str, ...]]] = {}) -> list[str]:
     """Model names a client can ask for: exact allowlist entries and mapping keys of
-    channels that can serve."""
+    channels that can serve, and `upstream`'s lists (channel name -> (base URL, model
+    ids), from the upstreams' own /models) of channels that opt in, within their allowlist."""
     names: dict[str, None] = {}
     for channel in config.channels:
         if not channel.active:
             continue
+        base_url, fetched = upstream.get(channel.name, ("", ()))
+        if channel.lists_upstream_models and base_url == channel.base_url:
+            names.update((n, None) for n in fetched if route_for(channel, n)[0] is not None)
         for pattern in channel.supported_models:
             if not pattern.startswith("!") and not is_glob(pattern):
                 names[pattern] = None

@@ -39,6 +39,8 @@ class GatewayState:
         self.config: GatewayConfig | None = None
         self.health: HealthRegistry | None = None
         self.records: weakref.WeakKeyDictionary[http.HTTPFlow, FlowRecord] = weakref.WeakKeyDictionary()
+        # Channel name -> (base URL, model ids) of upstream /models lists (catalog.py).
+        self.upstream_models: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     def install(self, config: GatewayConfig) -> None:
         """Put a new config in force. Requests in flight keep the objects they started with."""

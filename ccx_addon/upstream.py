@@ -6,9 +6,7 @@ reaches the client; see shared/notes/mitmproxy.md, "Failover: the limit".
 """
 
 import asyncio
-import dataclasses
 import email.utils
-import json
 import os
 import time
 from collections.abc import Iterable
@@ -16,6 +14,7 @@ from collections.abc import Iterable
 import aiohttp
 
 from .config import Channel
+from .verdicts import Verdict, judge_answer  # noqa: F401 (re-exported)
 
 # Never forwarded: connection-level headers, and the client's credentials.
 HOP_BY_HOP = frozenset({
@@ -71,89 +70,9 @@ def parse_retry_after(headers: dict[str, str], now: float) -> float | None:
     return None
 
 
-# Words upstreams use when a key's balance or quota is gone, not just rate-limited. GLM
-# answers 429 for both (code 1113 means no balance); OpenAI says insufficient_quota.
-_EXHAUSTED_MARKERS = (
-    "insufficient_quota", "insufficient balance", "insufficient_balance", "quota exceeded",
-    "exceeded your current quota", "exceeded_current_quota", "credit balance",
-    "余额", "欠费", '"1113"',
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """What to do with an upstream answer."""
-
-    action: str  # "serve" | "next_key" | "next_channel"
-    reason: str = ""
-    key_penalty: str = ""  # "cooldown" | "disable" | ""
-    channel_failure: bool = False  # counts against the channel's circuit breaker
-
-
-def judge_status(status: int, body: bytes) -> Verdict:
-    text = body[:4096].decode("utf-8", "replace").lower()
-    # An empty balance is the key's problem wherever it is said: with 429 (GLM, OpenAI),
-    # 400/403 (some proxies) or inside a 200 (MiniMax's base_resp).
-    exhausted = any(m in text for m in _EXHAUSTED_MARKERS)
-    if 200 <= status < 300:
-        if problem := error_in_success_body(body):
-            if exhausted:
-                return Verdict("next_key", "200 with an error body: quota or balance exhausted", key_penalty="disable")
-            return Verdict("next_channel", f"200 with an error body: {problem}", channel_failure=True)
-        return Verdict("serve")
-    if 400 <= status < 500 and status not in (401, 402, 403) and exhausted:
-        return Verdict("next_key", f"{status} quota or balance exhausted", key_penalty="disable")
-    if status == 429:
-        return Verdict("next_key", "429 rate limited", key_penalty="cooldown")
-    if status in (401, 403):
-        return Verdict("next_key", f"{status} key rejected", key_penalty="disable")
-    if status == 402:
-        return Verdict("next_key", "402 payment required", key_penalty="disable")
-    if status == 408 or status >= 500:
-        return Verdict("next_channel", f"{status} {_short_message(body)}".strip(), channel_failure=True)
-    # 400-class request errors: another channel would reject the request too.
-    return Verdict("serve")
-
-
-def error_in_success_body(body: bytes) -> str | None:
-    """Providers that report errors with HTTP 200 (MiniMax's base_resp, some proxies'
-    `{"error": ...}`): the message, or None for a real success."""
-    stripped = body.lstrip()
-    if not stripped.startswith(b"{"):
-        return None
-    if b"error" not in stripped and b"base_resp" not in stripped and b"\\u" not in stripped:
-        # Neither key can be in it (a key spelled with \u escapes takes the long way): skip
-        # parsing what is, almost always, a normal answer.
-        return None
-    try:
-        data = json.loads(stripped)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    if isinstance(error := data.get("error"), (dict, str)) and "choices" not in data:
-        return _message_of(error)
-    base = data.get("base_resp")
-    if isinstance(base, dict) and base.get("status_code") not in (0, None, "0"):
-        return f"{base.get('status_msg') or 'error'} (code {base.get('status_code')})"
-    return None
-
-
-def _message_of(error: object) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or error.get("code") or "error")
-    return str(error)
-
-
-def _short_message(body: bytes) -> str:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        text = body[:120].decode("utf-8", "replace").strip()
-        return text.split("\n", 1)[0][:80] if text and not text.startswith("<") else ""
-    if isinstance(data, dict) and "error" in data:
-        return _message_of(data["error"])[:160]
-    return ""
+# What an answer means is decided in verdicts.py, from structured fields only; the old name
+# stays for callers that still use it.
+judge_status = judge_answer
 
 
 class UpstreamError(Exception):
@@ -248,6 +167,22 @@ class UpstreamClient:
             raise UpstreamError(f"connection broke while reading the body: {type(e).__name__}") from None
         finally:
             response.release()
+
+    async def get(self, url: str, headers: dict[str, str], timeout: float, limit: int) -> tuple[int, bytes]:
+        """A small GET (an upstream's /models list): status and body, within `timeout`
+        seconds and `limit` bytes, or UpstreamError."""
+        session = self._ensure_session()
+        try:
+            async with asyncio.timeout(timeout):
+                async with session.get(url, headers=headers, allow_redirects=False) as response:
+                    body = await response.content.read(limit + 1)
+                    if len(body) > limit:
+                        raise UpstreamError(f"response body larger than {limit} bytes")
+                    return response.status, body
+        except TimeoutError:
+            raise UpstreamError(f"no answer within {timeout:g}s", timeout=True) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError(f"connection failed: {type(e).__name__}") from None
 
     async def close(self) -> None:
         if self._session is not None:

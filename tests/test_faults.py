@@ -189,21 +189,25 @@ def test_429_default_cooldown_is_60s_and_short_retry_after_expires(gateway, upst
     assert [key_of(x) for x in up.received[-4:]] == [K2, K3, K2, K3]  # K2 back in rotation
 
 
-@pytest.mark.parametrize("status, body, reason", [
-    (401, {"error": {"message": "Incorrect API key provided: sk-up-***"}}, "401 key rejected"),
-    (403, {"error": {"message": "forbidden"}}, "403 key rejected"),
-    (402, {"error": {"message": "Insufficient Balance"}}, "402 payment required"),
-    (429, {"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}, "429 quota or balance exhausted"),
-    (429, {"error": {"code": "1113", "message": "余额不足或无可用资源包"}}, "429 quota or balance exhausted"),
-    (200, {"base_resp": {"status_code": 1008, "status_msg": "insufficient balance"}}, "200 with an error body: quota or balance exhausted"),
+@pytest.mark.parametrize("status, body, reason, preset", [
+    (401, {"error": {"message": "Incorrect API key provided: sk-up-***"}}, "401 key rejected", ""),
+    (403, {"error": {"message": "forbidden"}}, "403 key rejected", ""),
+    (402, {"error": {"message": "Insufficient Balance"}}, "402 payment required", ""),
+    (429, {"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}},
+     "429 quota or balance used up: You exceeded your current quota (code insufficient_quota)", ""),
+    (429, {"error": {"code": "1113", "message": "余额不足或无可用资源包"}},
+     "429 quota or balance used up: 余额不足或无可用资源包 (code 1113)", "glm"),
+    (200, {"base_resp": {"status_code": 1008, "status_msg": "insufficient balance"}},
+     "200 quota or balance used up: insufficient balance (code 1008)", ""),
 ])
-def test_rejected_or_exhausted_key_is_disabled_until_reload(gateway, upstreams, status, body, reason):
+def test_rejected_or_exhausted_key_is_disabled_until_reload(gateway, upstreams, status, body, reason, preset):
     up = upstreams(by_key({K1: lambda r: json_answer(status, body)}))
-    gw = gateway(config(channel("pool", up.url + "/v1", keys=(K1, K2))))
+    gw = gateway(config(channel("pool", up.url + "/v1", keys=(K1, K2), extra=f"preset: {preset}" if preset else "")))
     for stream in (False, True, False):
         r = ask(gw, stream=stream)
         assert r.status_code == 200 and r.headers["x-ccx-channel"] == "pool"
-    assert [key_of(x) for x in up.received] == [K1, K2, K2, K2]
+    # (A preset channel also fetches the upstream's /models list.)
+    assert [key_of(x) for x in up.received if x.method == "POST"] == [K1, K2, K2, K2]
     [first, *_] = chat_flows(gw, 3)
     assert first.metadata["ccx"]["key"] == "pool#2"
     assert f"pool (pool#1): {reason}" in first.comment

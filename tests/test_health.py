@@ -8,7 +8,7 @@ import pytest
 
 from ccx_addon.config import BreakerSettings, Channel, parse_config
 from ccx_addon.health import CircuitBreaker, HealthRegistry, KeyPool
-from ccx_addon.upstream import judge_status, parse_retry_after
+from ccx_addon.upstream import parse_retry_after
 
 T0 = 1_700_000_000.0
 
@@ -245,46 +245,3 @@ def test_snapshot_names_keys_by_label():
 ])
 def test_parse_retry_after(headers, expected):
     assert parse_retry_after(headers, T0) == expected
-
-
-# --- judge_status -----------------------------------------------------------------------------
-
-
-def err(message: str, code=None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "x", "code": code}}).encode()
-
-
-@pytest.mark.parametrize("status, body, action, penalty, channel_failure", [
-    (200, b'{"choices": []}', "serve", "", False),
-    (200, b"data: not json", "serve", "", False),
-    (200, err("upstream overloaded"), "next_channel", "", True),
-    (200, b'{"base_resp": {"status_code": 1002, "status_msg": "rate limit"}}', "next_channel", "", True),
-    (200, b'{"base_resp": {"status_code": 1008, "status_msg": "insufficient balance"}}', "next_key", "disable", False),
-    (200, b'{"base_resp": {"status_code": 0}, "choices": []}', "serve", "", False),
-    (429, err("Rate limit reached"), "next_key", "cooldown", False),
-    (429, b"", "next_key", "cooldown", False),
-    (429, err("You exceeded your current quota", "insufficient_quota"), "next_key", "disable", False),
-    (429, json.dumps({"error": {"code": "1113", "message": "余额不足"}}).encode(), "next_key", "disable", False),
-    (400, err("Your credit balance is too low"), "next_key", "disable", False),
-    (401, err("Incorrect API key"), "next_key", "disable", False),
-    (403, b"<html>Forbidden</html>", "next_key", "disable", False),
-    (402, err("Insufficient Balance"), "next_key", "disable", False),
-    (400, err("temperature out of range"), "serve", "", False),
-    (404, err("model not found"), "serve", "", False),
-    (422, b"", "serve", "", False),
-    (408, b"", "next_channel", "", True),
-    (500, err("boom"), "next_channel", "", True),
-    (503, b"<html><h1>503 Service Unavailable</h1></html>", "next_channel", "", True),
-    (504, b"", "next_channel", "", True),
-])
-def test_judge_status(status, body, action, penalty, channel_failure):
-    verdict = judge_status(status, body)
-    assert (verdict.action, verdict.key_penalty, verdict.channel_failure) == (action, penalty, channel_failure)
-    if action != "serve":
-        assert verdict.reason.startswith(str(status))
-
-
-def test_judge_status_reason_quotes_the_upstream_message_briefly():
-    assert judge_status(503, err("overloaded")).reason == "503 overloaded"
-    assert judge_status(500, b"<!DOCTYPE html><html>...</html>").reason == "500"
-    assert judge_status(502, b"Bad gateway\nmore").reason == "502 Bad gateway"
