@@ -9,12 +9,14 @@ from collections.abc import Iterable
 
 import aiohttp
 
-from .body import ChatRequest, replace_model, with_stream_usage
+from .body import ChatRequest
 from .config import GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
 from .health import HealthRegistry
+from .reasoning import ReasoningCache
 from .redact import scrub_text
+from .rewrite import attempt_body
 from .routing import Route, RoutePlan
 from .sse import completion_to_events, is_event_stream
 from .upstream import (
@@ -33,6 +35,7 @@ class Attempt:
     upstream_model: str
     outcome: str  # "200", "503 overloaded", "cannot connect: ...", "skipped: ..."
     ok: bool = False
+    fixes: tuple[str, ...] = ()  # labels of the request fixes this attempt's body got
 
     @property
     def skipped(self) -> bool:
@@ -58,6 +61,11 @@ class ForwardResult:
     # "upstream": the upstream's answer as it was; "gateway": made here (errors, echo,
     # converted answers).
     origin: str = "upstream"
+
+    @property
+    def fixes(self) -> tuple[str, ...]:
+        """The request fixes the serving attempt's body got."""
+        return self.attempts[-1].fixes if self.route is not None and self.attempts else ()
 
     @property
     def tries(self) -> list[Attempt]:
@@ -86,6 +94,7 @@ def gateway_error(status: int, message: str, type_: str, code: str, **extra) -> 
 class Forwarder:
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
+        self.reasoning = ReasoningCache()  # what upstreams reasoned, for passback (presets)
 
     async def forward(
         self,
@@ -140,9 +149,8 @@ class Forwarder:
                         attempts=attempts, candidates=len(plan.routes), origin="gateway",
                     )
 
-                body = replace_model(raw_body, request, route.upstream_model)
-                if channel.stream_usage:
-                    body = with_stream_usage(body, request)
+                # Fresh from the client's bytes: no other attempt's fixes carry over.
+                body, attempt.fixes = attempt_body(raw_body, request, route, self.reasoning)
                 headers = upstream_request_headers(client_headers, channel, channel.api_keys[index])
                 # A non-streaming exchange is bounded as a whole, headers and body.
                 deadline = None if request.stream or channel.timeouts.total is None else (
