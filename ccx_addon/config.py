@@ -7,6 +7,7 @@ Everything here is pure: `load_config(path, environ)` returns a `GatewayConfig` 
 
 import dataclasses
 import functools
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .fixes import Clamp, FixSpec
+from .fixes import Clamp, FixSpec, Frozen
 
 ECHO_BASE_URL = "echo:"
 # Provider presets a channel can name (`preset:`): what each one fixes is decided in the
@@ -486,6 +487,19 @@ def _plain(item: _Located) -> Any:
     return value
 
 
+def _json_value(path: str, check: _Validator, item: _Located) -> Any:
+    """A value to put in a body: scalars as they are, objects and arrays frozen (fixes.Frozen)."""
+    value = _plain(item)
+    if isinstance(value, (dict, list)):
+        try:
+            return Frozen(json.dumps(value, ensure_ascii=False, sort_keys=False))
+        except (TypeError, ValueError):
+            raise check.fail(path, item, "must be a JSON value (no dates or other YAML types)") from None
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        raise check.fail(path, item, "must be a JSON value (no dates or other YAML types)")
+    return value
+
+
 def _parse_fixes(check: _Validator, path: str, item: _Located) -> tuple[tuple[str, FixSpec], ...]:
     """`fixes:` of a channel: its own layer ("*"), then one per `models` glob, in file order."""
     fields = check.mapping(path, item, _FIXES_FIELDS)
@@ -515,7 +529,7 @@ def _parse_fix_spec(check: _Validator, path: str, item: _Located, fields: dict[s
         sub = fields[name]
         if not isinstance(sub.value, dict):
             raise check.fail(f"{path}.{name}", sub, f"must be a mapping, not {_kind(sub.value)}")
-        return tuple((k, _plain(v)) for k, v in sub.value.items())
+        return tuple((k, _json_value(f"{path}.{name}.{k}", check, v)) for k, v in sub.value.items())
 
     if "drop_params" in fields:
         spec["drop_params"] = names("drop_params")
@@ -542,7 +556,8 @@ def _parse_fix_spec(check: _Validator, path: str, item: _Located, fields: dict[s
         for param, table in sub.value.items():
             if not isinstance(table.value, dict):
                 raise check.fail(f"{path}.value_map.{param}", table, "must be a mapping {from: to} (to: null drops it)")
-            maps.append((param, tuple((k, _plain(v)) for k, v in table.value.items())))
+            maps.append((param, tuple(
+                (k, _json_value(f"{path}.value_map.{param}.{k}", check, v)) for k, v in table.value.items())))
         spec["value_map"] = tuple(maps)
     for flag in ("merge_system_messages", "ensure_user_turn", "function_tools_only",
                  "json_schema_to_json_object", "tool_parameters", "images"):

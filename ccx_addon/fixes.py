@@ -8,6 +8,7 @@ comment shows (`max_tokens→max_completion_tokens`, `−temperature`, `+reasoni
 """
 
 import dataclasses
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,18 @@ Pairs = tuple[tuple[str, Any], ...]
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
 # A value_map source that matches any value.
 ANY_VALUE = "*"
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """A JSON object or array from the config, kept as text so specs stay hashable (they
+    are cache keys); `thaw` gives a fresh copy to put in a body."""
+
+    json: str
+
+
+def thaw(value: Any) -> Any:
+    return json.loads(value.json) if isinstance(value, Frozen) else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +113,7 @@ def drop_params(data: dict, names: tuple[str, ...]) -> list[str]:
 def drop_unless(data: dict, allowed: Pairs) -> list[str]:
     labels = []
     for name, value in allowed:
-        if name in data and data[name] != value:
+        if name in data and data[name] != thaw(value):
             del data[name]
             labels.append(f"−{name}")
     return labels
@@ -123,6 +136,7 @@ def rename_params(data: dict, renames: Pairs) -> list[str]:
 def set_params(data: dict, values: Pairs) -> list[str]:
     labels = []
     for name, value in values:
+        value = thaw(value)
         if data.get(name, _MISSING) != value:
             data[name] = value
             labels.append(f"{name}={_short(value)}")
@@ -133,7 +147,7 @@ def default_params(data: dict, values: Pairs) -> list[str]:
     labels = []
     for name, value in values:
         if name not in data:
-            data[name] = value
+            data[name] = thaw(value)
             labels.append(f"+{name}")
     return labels
 
@@ -165,9 +179,9 @@ def map_values(data: dict, maps: tuple[tuple[str, Pairs], ...]) -> list[str]:
         value = data[name]
         table = dict(pairs)
         if isinstance(value, str) and value in table:
-            target = table[value]
+            target = thaw(table[value])
         elif ANY_VALUE in table:
-            target = table[ANY_VALUE]
+            target = thaw(table[ANY_VALUE])
         else:
             continue
         if target == value:
@@ -406,6 +420,7 @@ _MISSING = object()
 
 
 def _short(value: Any) -> str:
+    value = thaw(value)
     if isinstance(value, str):
         return value
     if isinstance(value, float) and value.is_integer():
