@@ -14,8 +14,8 @@ What each one checks, and the texts, come from shared/notes/providers.md (sectio
   "required" is unsupported, thinking-mode tool-call messages need `reasoning_content`.
 
 A valid request gets a normal answer (JSON or SSE as asked), with `reasoning_content`
-when the model thinks, and a tool call when `tool_call` is set and the conversation has
-no tool result yet. `fail` makes one answer a classified failure instead (quota, rate limit,
+when the model thinks, and the next tool call of `plan` (or `tool_call`) while the
+conversation has fewer tool results than the plan has steps. `fail` makes one answer a classified failure instead (quota, rate limit,
 error-first stream) for the answer-classification tests.
 """
 
@@ -34,9 +34,12 @@ class Simulator:
 
     name = "simulator"
 
-    def __init__(self, tool_call: tuple[str, str] | None = None, reasoning: str = "", fail: str = "") -> None:
-        self.tool_call = tool_call  # (tool name, JSON arguments) to call on a new user turn
+    def __init__(self, tool_call: tuple[str, str] | None = None, reasoning: str = "", fail: str = "",
+                 plan: list[tuple[str, str, str]] | None = None) -> None:
         self.reasoning = reasoning  # the reasoning a thinking model sends with each answer
+        # The tool calls to make, one per step: (tool name, JSON arguments, reasoning sent
+        # with it; "" for none, as DeepSeek sometimes does). The answer comes after them.
+        self.plan = plan if plan is not None else ([(*tool_call, reasoning)] if tool_call else [])
         self.fail = fail
         self.refused: list[Steps] = []
         self.sent_reasoning: dict[str, str] = {}  # tool-call id -> reasoning sent with it
@@ -70,11 +73,14 @@ class Simulator:
         model = body.get("model", "?")
         messages = body.get("messages") or []
         call = None
-        if self.tool_call and body.get("tools") and not any(m.get("role") == "tool" for m in messages):
+        reasoning = self.reasoning
+        step = sum(1 for m in messages if m.get("role") == "tool")
+        if body.get("tools") and step < len(self.plan):
+            name, arguments, reasoning = self.plan[step]
             self.calls += 1
             call = {"id": f"call_{self.name}_{self.calls}", "type": "function",
-                    "function": {"name": self.tool_call[0], "arguments": self.tool_call[1]}}
-        reasoning = self.reasoning if self.thinks(body) else ""
+                    "function": {"name": name, "arguments": arguments}}
+        reasoning = reasoning if self.thinks(body) else ""
         if call and reasoning:
             self.sent_reasoning[call["id"]] = reasoning
         text = "" if call else f"answer from {self.name}"
