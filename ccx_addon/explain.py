@@ -124,6 +124,9 @@ def describe_channel(channel: Channel) -> str:
         facts.append(f"{len(channel.api_keys)} key(s)")
     if channel.fallback:
         facts.append("fallback")
+    if channel.preset or channel.fixes:
+        facts.append(" + ".join(filter(None, [f"preset {channel.preset}" if channel.preset else "",
+                                              "own fixes" if channel.fixes else ""])))
     facts.append("models: " + (", ".join(channel.supported_models) or "any"))
     if channel.model_mapping:
         facts.append("mapping: " + ", ".join(f"{k} → {v}" for k, v in channel.model_mapping))

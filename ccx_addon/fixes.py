@@ -352,30 +352,34 @@ def restore_reasoning(data: dict, scope: str, placeholder: str | None, recall: R
 # --- all of them ----------------------------------------------------------------------------
 
 
-def apply_fixes(data: dict, spec: FixSpec, recall: Recall | None = None) -> list[str]:
+def apply_fixes(data: dict, spec: FixSpec, recall: Recall | None = None, touched: set | None = None) -> list[str]:
     """Every fix `spec` asks for, in a fixed order: messages first (roles before merging
     system messages), then parameters (rename before drop, so a renamed parameter is
-    judged by its new name; set last), then tools and formats, then reasoning."""
-    labels: list[str] = []
+    judged by its new name; set last), then tools and formats, then reasoning.
+    `touched` gets "messages" / "tools" when those were changed in place (other
+    parameters are replaced, not changed in place)."""
+    messages: list[str] = []
     if spec.role_map:
-        labels += map_roles(data, spec.role_map)
-    labels += merge_system_messages(data, bool(spec.merge_system_messages))
-    labels += ensure_user_turn(data, bool(spec.ensure_user_turn))
+        messages += map_roles(data, spec.role_map)
+    messages += merge_system_messages(data, bool(spec.merge_system_messages))
+    messages += ensure_user_turn(data, bool(spec.ensure_user_turn))
     if spec.flatten_content:
-        labels += flatten_content(data, spec.flatten_content)
-    labels += rename_params(data, spec.rename_params)
-    labels += drop_params(data, spec.drop_params)
-    labels += drop_unless(data, spec.drop_unless)
-    labels += map_values(data, spec.value_map)
-    labels += clamp_params(data, spec.clamp)
-    labels += default_params(data, spec.default_params)
-    labels += set_params(data, spec.set_params)
-    labels += function_tools_only(data, bool(spec.function_tools_only))
-    labels += json_schema_to_json_object(data, bool(spec.json_schema_to_json_object))
-    labels += tool_parameters(data, bool(spec.tool_parameters))
-    if spec.passback:
-        labels += restore_reasoning(data, spec.passback, spec.reasoning_placeholder, recall)
-    return labels
+        messages += flatten_content(data, spec.flatten_content)
+    params = rename_params(data, spec.rename_params)
+    params += drop_params(data, spec.drop_params)
+    params += drop_unless(data, spec.drop_unless)
+    params += map_values(data, spec.value_map)
+    params += clamp_params(data, spec.clamp)
+    params += default_params(data, spec.default_params)
+    params += set_params(data, spec.set_params)
+    tools = function_tools_only(data, bool(spec.function_tools_only))
+    tools += tool_parameters(data, bool(spec.tool_parameters))
+    params += json_schema_to_json_object(data, bool(spec.json_schema_to_json_object))
+    reasoning = restore_reasoning(data, spec.passback, spec.reasoning_placeholder, recall) if spec.passback else []
+    if touched is not None:
+        touched.update(["messages"] if messages or reasoning else [])
+        touched.update(["tools"] if tools else [])
+    return messages + params + tools + reasoning
 
 
 def describe(spec: FixSpec) -> list[str]:

@@ -5,6 +5,8 @@ import json
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ccx_addon import fixes
 from ccx_addon.body import parse_chat_request
@@ -384,3 +386,44 @@ def test_stream_without_reasoning_remembers_nothing():
     observer.feed(stream_events([], "call_1", "hi"))
     observer.end()
     assert len(cache) == 0
+
+
+def test_a_lone_surrogate_stays_escaped_when_the_body_is_rewritten():
+    raw = b'{"model": "gpt-5", "max_tokens": 5, "messages": [{"role": "user", "content": "\\ud800 x"}]}'
+    route = routes_for(CHANNEL + "    preset: openai\n", "gpt-5").routes[0]
+    body, labels = attempt_body(raw, parse_chat_request(raw), route)
+    assert labels == ("max_tokens→max_completion_tokens",)
+    assert b'"\\ud800 x"' in body and json.loads(body)["max_completion_tokens"] == 5
+
+
+_scalars = st.none() | st.booleans() | st.integers(-10**5, 10**5) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6)
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
+                                  "content": st.text(max_size=8) | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=5)}), max_size=2)},
+                                 optional={"tool_calls": st.lists(st.fixed_dictionaries({"id": st.text(min_size=1, max_size=4)}), max_size=2)})
+_params = st.fixed_dictionaries({}, optional={
+    "max_tokens": st.integers(0, 100_000), "max_completion_tokens": st.integers(0, 100_000), "temperature": st.floats(0, 2),
+    "top_p": st.floats(0, 1), "tool_choice": st.sampled_from(["auto", "none", "required"]), "stop": _values,
+    "tools": st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "web_search"]), "function": st.fixed_dictionaries({"name": st.text(max_size=4)})}), max_size=3),
+    "response_format": st.sampled_from([{"type": "json_schema", "json_schema": {}}, {"type": "text"}]),
+    "messages": st.lists(_message, max_size=5),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(params=_params, extra=st.dictionaries(st.text(max_size=6), _values, max_size=3),
+       preset=st.sampled_from(["openai", "deepseek", "glm", "minimax", "kimi"]),
+       model=st.sampled_from(["gpt-5", "deepseek-chat", "glm-4.6", "MiniMax-M2", "kimi-k2.5", "other"]),
+       indent=st.sampled_from([None, 1]), ascii_only=st.booleans())
+def test_the_spliced_body_is_the_fixed_body(params, extra, preset, model, indent, ascii_only):
+    """Whatever is copied from the client's text or serialized again, the upstream's JSON is
+    exactly the client's body with the fixes applied and the model mapped."""
+    body = {**extra, "model": "client", **params}
+    raw = json.dumps(body, indent=indent, ensure_ascii=ascii_only).encode()
+    route = routes_for(CHANNEL + f"    preset: {preset}\n    model_mapping: {{client: {model}}}\n", "client").routes[0]
+    sent, labels = attempt_body(raw, parse_chat_request(raw), route)
+    expected = json.loads(raw)
+    spec = fixes_for(route.channel, model)
+    assert list(labels) == (apply_fixes(expected, spec) if spec else [])
+    expected["model"] = model
+    assert json.loads(sent) == expected

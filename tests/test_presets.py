@@ -295,3 +295,32 @@ def test_without_a_preset_the_upstream_gets_the_clients_bytes_with_only_the_mode
                           headers={**AUTH, "content-type": "application/json"})
     assert response.status_code == 200, response.text
     assert up.received[-1].body == expected
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_the_reasoning_cache_stays_bounded_in_mitmdump(mitmdump, upstreams):
+    """200 answers with ~0.9 MB of reasoning each (180 MB in all) through a real mitmdump:
+    the cache keeps at most 32 MB, so the process grows far less than what passed."""
+    thought = "a long chain of thought. " * 37_000  # ~0.9 MB
+    simulator = DeepSeek(plan=[("read", "{}", thought)] * 1)
+    up = upstreams(simulator)
+    gw = mitmdump(config(channel("deepseek", up.url + "/v1", extra="preset: deepseek")))
+    request = opencode_request("deepseek-reasoner", max_tokens=100)
+    with httpx.Client(timeout=30) as client:
+        def send() -> None:
+            response = client.post(gw.url + "/v1/chat/completions", json=request, headers=AUTH)
+            assert response.status_code == 200 and len(response.content) > 900_000
+        for _ in range(10):
+            send()
+        before = rss_mb(gw.process.pid)
+        for _ in range(200):
+            send()
+        grown = rss_mb(gw.process.pid) - before
+    assert simulator.calls == 210 and not simulator.refused
+    assert grown < 100, f"RSS grew {grown:.0f} MB for 180 MB of reasoning"
