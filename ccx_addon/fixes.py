@@ -207,7 +207,7 @@ def map_roles(data: dict, roles: Pairs) -> list[str]:
     table = dict(roles)
     counts: dict[tuple[str, str], int] = {}
     for message in _messages(data):
-        if isinstance(message, dict) and (role := message.get("role")) in table:
+        if isinstance(message, dict) and isinstance(role := message.get("role"), str) and role in table:
             message["role"] = table[role]
             counts[(role, table[role])] = counts.get((role, table[role]), 0) + 1
     return [f"role {a}→{b}" + (f"×{n}" if n > 1 else "") for (a, b), n in counts.items()]
@@ -300,7 +300,8 @@ def json_schema_to_json_object(data: dict, enabled: bool) -> list[str]:
 def tool_parameters(data: dict, enabled: bool) -> list[str]:
     """Function tools without `parameters` get an empty object schema (MiniMax: 2013)."""
     count = 0
-    for tool in data.get("tools") or () if enabled else ():
+    tools = data.get("tools") if enabled else None
+    for tool in tools if isinstance(tools, list) else ():
         function = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(function, dict) and not function.get("parameters"):
             function["parameters"] = {"type": "object", "properties": {}}
@@ -312,7 +313,7 @@ def has_image_parts(data: dict) -> bool:
     for message in _messages(data):
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list) and any(
-            isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in content
+            isinstance(p, dict) and isinstance(p.get("type"), str) and p["type"] in IMAGE_PART_TYPES for p in content
         ):
             return True
     return False
