@@ -4,7 +4,8 @@
 
 Starts a fast fake upstream (bench/upstream.py), bare mitmdump in reverse mode (once as is,
 once with a one-line addon that streams responses, for SSE), and the gateway
-(`mitmdump -s ccx_addon/addon.py`, two channels, the first healthy, with a model mapping).
+(`mitmdump -s ccx_addon/addon.py`, two channels, the first healthy, with a model mapping),
+and the same gateway with the deepseek preset on those channels (column `preset`).
 Every figure comes from a separate load-generator process (bench/loadgen.py) and is the
 median over interleaved repetitions. Prints a table with gateway/bare ratios. Asserts
 nothing about speed; exits non-zero only when a request fails.
@@ -40,6 +41,12 @@ channels:
     api_keys: ["sk-bench-backup-key"]
     model_mapping: {{"gpt-5": "bench-up"}}
 """
+
+# The same with the deepseek preset (gpt-5 -> deepseek-chat): on the OpenCode-size body the
+# request is parsed, fixed (max_tokens 32000 -> 8192, reasoning_content placeholders on its
+# four assistant messages) and serialized again: the cost of a preset.
+PRESET_CONFIG = CONFIG.replace('"bench-up"', '"deepseek-chat"').replace(
+    "    api_keys:", "    preset: deepseek\n    api_keys:")
 
 
 def free_port() -> int:
@@ -151,6 +158,8 @@ def main() -> int:
                     help="the mitmdump to measure (default: next to this Python)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SCRIPT",
                     help="an extra gateway column: mitmdump -s SCRIPT (e.g. httpx=bench/gateway_httpx.py)")
+    ap.add_argument("--no-preset", action="store_true",
+                    help="leave out the `preset` column (the gateway with the deepseek preset)")
     ap.add_argument("--repeat", type=int, help="repetitions of each figure (default 3, quick 1)")
     ap.add_argument("--duration", type=float, help="seconds per throughput figure (default 3, quick 1)")
     ap.add_argument("--only", help="comma list of phases: requests,rps,sse,stream")
@@ -175,6 +184,7 @@ def main() -> int:
     ports = {"upstream": free_port()}
     up = ports["upstream"]
     (tmp / "ccx.yaml").write_text(CONFIG.format(up=up))
+    (tmp / "ccx-preset.yaml").write_text(PRESET_CONFIG.format(up=up))
     mitmdump = args.mitmdump
     common = [mitmdump, "-q", "--set", "termlog_verbosity=error"]
     servers = {
@@ -182,14 +192,16 @@ def main() -> int:
         "bare-stream": common + ["--mode", f"reverse:http://127.0.0.1:{up}@127.0.0.1:{{port}}",
                                  "-s", str(HERE / "stream_addon.py")],
     }
-    gateway_args = ["--mode", "reverse:http://127.0.0.1:9@127.0.0.1:{port}", "--set", "connection_strategy=lazy",
-                    "--set", f"ccx_config={tmp / 'ccx.yaml'}"]
-    gateways = {"gateway": str(ROOT / "ccx_addon" / "addon.py")}
+    gateway_args = ["--mode", "reverse:http://127.0.0.1:9@127.0.0.1:{port}", "--set", "connection_strategy=lazy"]
+    addon = str(ROOT / "ccx_addon" / "addon.py")
+    gateways = {"gateway": (addon, tmp / "ccx.yaml")}
+    if not args.no_preset:
+        gateways["preset"] = (addon, tmp / "ccx-preset.yaml")
     for v in args.variant:
         name, _, script = v.partition("=")
-        gateways[name] = str(Path(script).resolve())
-    for name, script in gateways.items():
-        servers[name] = common + ["-s", script] + gateway_args
+        gateways[name] = (str(Path(script).resolve()), tmp / "ccx.yaml")
+    for name, (script, config_path) in gateways.items():
+        servers[name] = common + ["-s", script] + gateway_args + ["--set", f"ccx_config={config_path}"]
     pids = {}
     results: dict = {"mitmproxy": None, "python": sys.version.split()[0], "quick": quick, "figures": {}}
     figures = results["figures"]
@@ -359,6 +371,12 @@ def print_table(results, gws, counts, stream_events) -> None:
     for n in counts:
         row(f"RSS after {n:,} requests MB", f"rss_after_{n}_mb", "mb", diff=True)
     row(f"RSS growth {counts[0]:,} -> {counts[1]:,} requests MB", "rss_growth_mb", "mb", "flat", diff=True)
+    if "preset" in gws and "gateway" in gws:
+        for c in (1, 16):
+            p50, cpu = m.get(f"opencode_c{c}_p50_ms", {}), m.get(f"opencode_c{c}_cpu_us", {})
+            if p50.get("preset") is not None and p50.get("gateway") is not None:
+                print(f"preset vs gateway, 30 KB c={c}: p50 {p50['preset'] - p50['gateway']:+.3f} ms "
+                      f"(target <= +0.3 ms at c=1), CPU {cpu['preset'] - cpu['gateway']:+.0f} us/request")
     print("bare-stream: bare mitmdump plus a one-line addon that sets flow.response.stream "
           "(without it mitmdump buffers whole responses); SSE/stream rows compare against it.")
 

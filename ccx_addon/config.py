@@ -7,6 +7,7 @@ Everything here is pure: `load_config(path, environ)` returns a `GatewayConfig` 
 
 import dataclasses
 import functools
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -15,6 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
+from .fixes import Clamp, FixSpec, Frozen
 
 ECHO_BASE_URL = "echo:"
 # Provider presets a channel can name (`preset:`): what each one fixes is decided in the
@@ -75,6 +78,9 @@ class Channel:
     inactive_reason: str = ""
     # Add the upstream's own GET /models list to /v1/models; None: on when a preset is set.
     list_upstream_models: bool | None = None
+    # The channel's own request fixes, on top of its preset: (model globs, spec) layers,
+    # "*" first for `fixes:` itself, then each `fixes.models` entry (see presets.resolve).
+    fixes: tuple[tuple[str, FixSpec], ...] = ()
 
     @property
     def is_echo(self) -> bool:
@@ -309,7 +315,7 @@ _TOP_FIELDS = {"proxy_access_keys", "channels", "circuit_breaker", "max_attempts
 _CHANNEL_FIELDS = {
     "name", "base_url", "api_keys", "priority", "enabled", "supported_models",
     "model_mapping", "fallback", "auth_header", "headers", "stream_usage", "cooldown",
-    "timeouts", "preset", "list_upstream_models",
+    "timeouts", "preset", "list_upstream_models", "fixes",
 }
 _TIMEOUT_FIELDS = {f.name for f in dataclasses.fields(Timeouts)}
 _BREAKER_FIELDS = {f.name for f in dataclasses.fields(BreakerSettings)}
@@ -455,6 +461,8 @@ def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> 
             raise check.fail(f"{path}.preset", fields["preset"], f"unknown preset (expected one of: {', '.join(PRESET_NAMES)}, none)")
         changes["preset"] = "" if preset == "none" else preset
     changes.update(_parse_model_listing(check, path, fields, base_url))
+    if "fixes" in fields:
+        changes["fixes"] = _parse_fixes(check, f"{path}.fixes", fields["fixes"])
     if "cooldown" in fields:
         changes["cooldown"] = check.number(f"{path}.cooldown", fields["cooldown"])
     if "timeouts" in fields:
@@ -476,6 +484,139 @@ def _parse_model_listing(check: _Validator, path: str, fields: dict[str, _Locate
     if value and base_url == ECHO_BASE_URL:
         raise check.fail(f"{path}.list_upstream_models", item, "the echo: channel has no upstream model list")
     return {"list_upstream_models": value}
+# --- request fixes (`fixes:` of a channel) ---------------------------------------------------
+
+_FIX_FIELDS = {
+    "drop_params", "drop_unless", "rename_params", "set_params", "default_params", "clamp",
+    "value_map", "role_map", "merge_system_messages", "ensure_user_turn", "flatten_content",
+    "function_tools_only", "json_schema_to_json_object", "tool_parameters", "images",
+    "reasoning_passback",
+}
+_FIXES_FIELDS = _FIX_FIELDS | {"models"}
+_CLAMP_FIELDS = {"min", "max"}
+_PASSBACK_FIELDS = {"scope", "placeholder"}
+_PASSBACK_SCOPES = ("all", "tool_calls", "off")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _plain(item: _Located) -> Any:
+    """A YAML value without line numbers (for values sent upstream as they are)."""
+    value = item.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _json_value(path: str, check: _Validator, item: _Located) -> Any:
+    """A value to put in a body: scalars as they are, objects and arrays frozen (fixes.Frozen)."""
+    value = _plain(item)
+    if isinstance(value, (dict, list)):
+        try:
+            return Frozen(json.dumps(value, ensure_ascii=False, sort_keys=False))
+        except (TypeError, ValueError):
+            raise check.fail(path, item, "must be a JSON value (no dates or other YAML types)") from None
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        raise check.fail(path, item, "must be a JSON value (no dates or other YAML types)")
+    return value
+
+
+def _parse_fixes(check: _Validator, path: str, item: _Located) -> tuple[tuple[str, FixSpec], ...]:
+    """`fixes:` of a channel: its own layer ("*"), then one per `models` glob, in file order."""
+    fields = check.mapping(path, item, _FIXES_FIELDS)
+    layers = [("*", _parse_fix_spec(check, path, item, fields))]
+    if "models" in fields:
+        models = fields["models"]
+        if not isinstance(models.value, dict):
+            raise check.fail(f"{path}.models", models, "must be a mapping of model glob to fixes")
+        for glob, sub in models.value.items():
+            if not glob.strip():
+                raise check.fail(f"{path}.models", sub, "model globs must not be empty")
+            sub_fields = check.mapping(f"{path}.models.{glob}", sub, _FIX_FIELDS)
+            layers.append((glob, _parse_fix_spec(check, f"{path}.models.{glob}", sub, sub_fields)))
+    return tuple(layers)
+
+
+def _parse_fix_spec(check: _Validator, path: str, item: _Located, fields: dict[str, _Located]) -> FixSpec:
+    spec: dict[str, Any] = {}
+
+    def names(name: str) -> tuple[str, ...]:
+        values = check.string_list(f"{path}.{name}", fields[name])
+        if not all(values):
+            raise check.fail(f"{path}.{name}", fields[name], "names must not be empty")
+        return tuple(values)
+
+    def values(name: str) -> tuple[tuple[str, Any], ...]:
+        sub = fields[name]
+        if not isinstance(sub.value, dict):
+            raise check.fail(f"{path}.{name}", sub, f"must be a mapping, not {_kind(sub.value)}")
+        return tuple((k, _json_value(f"{path}.{name}.{k}", check, v)) for k, v in sub.value.items())
+
+    if "drop_params" in fields:
+        spec["drop_params"] = names("drop_params")
+    for name in ("drop_unless", "set_params", "default_params"):
+        if name in fields:
+            spec[name] = values(name)
+    for name in ("rename_params", "role_map"):
+        if name in fields:
+            spec[name] = check.string_map(f"{path}.{name}", fields[name])
+            if any(not v for _, v in spec[name]):
+                raise check.fail(f"{path}.{name}", fields[name], "targets must not be empty")
+    if "role_map" in fields:
+        for old, new in spec["role_map"]:
+            if new not in _ROLES:
+                raise check.fail(f"{path}.role_map.{old}", fields["role_map"].value[old],
+                                 f"unknown role {new!r} (expected one of: {', '.join(_ROLES)})")
+    if "clamp" in fields:
+        spec["clamp"] = _parse_clamps(check, f"{path}.clamp", fields["clamp"])
+    if "value_map" in fields:
+        sub = fields["value_map"]
+        if not isinstance(sub.value, dict):
+            raise check.fail(f"{path}.value_map", sub, "must map a parameter to {from: to}")
+        maps = []
+        for param, table in sub.value.items():
+            if not isinstance(table.value, dict):
+                raise check.fail(f"{path}.value_map.{param}", table, "must be a mapping {from: to} (to: null drops it)")
+            maps.append((param, tuple(
+                (k, _json_value(f"{path}.value_map.{param}.{k}", check, v)) for k, v in table.value.items())))
+        spec["value_map"] = tuple(maps)
+    for flag in ("merge_system_messages", "ensure_user_turn", "function_tools_only",
+                 "json_schema_to_json_object", "tool_parameters", "images"):
+        if flag in fields:
+            spec[flag] = check.boolean(f"{path}.{flag}", fields[flag])
+    if "flatten_content" in fields:
+        spec["flatten_content"] = names("flatten_content")
+    if "reasoning_passback" in fields:
+        sub = check.mapping(f"{path}.reasoning_passback", fields["reasoning_passback"], _PASSBACK_FIELDS)
+        if "scope" in sub:
+            scope = check.string(f"{path}.reasoning_passback.scope", sub["scope"])
+            if scope not in _PASSBACK_SCOPES:
+                raise check.fail(f"{path}.reasoning_passback.scope", sub["scope"],
+                                 f"must be one of: {', '.join(_PASSBACK_SCOPES)}")
+            spec["reasoning_passback"] = scope
+        if "placeholder" in sub:
+            if sub["placeholder"].value is not None:
+                spec["reasoning_placeholder"] = check.string(f"{path}.reasoning_passback.placeholder", sub["placeholder"])
+    return FixSpec(**spec)
+
+
+def _parse_clamps(check: _Validator, path: str, item: _Located) -> tuple[tuple[str, Clamp], ...]:
+    if not isinstance(item.value, dict):
+        raise check.fail(path, item, "must map a parameter to {min: N, max: N}")
+    clamps = []
+    for param, sub in item.value.items():
+        bounds = check.mapping(f"{path}.{param}", sub, _CLAMP_FIELDS)
+        if not bounds:
+            raise check.fail(f"{path}.{param}", sub, "give min, max or both")
+        low, high = (
+            check.number(f"{path}.{param}.{b}", bounds[b], minimum=float("-inf")) if b in bounds else None
+            for b in ("min", "max")
+        )
+        if low is not None and high is not None and low > high:
+            raise check.fail(f"{path}.{param}", sub, "min is larger than max")
+        clamps.append((param, Clamp(low, high)))
+    return tuple(clamps)
 
 
 def load_config(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> GatewayConfig:

@@ -13,6 +13,8 @@ import time
 from mitmproxy import command
 
 from .config import Channel, GatewayConfig
+from .fixes import describe as describe_fixes
+from .rewrite import fixes_for
 from .routing import listed_models, map_model, plan_routes
 from .state import GatewayState
 
@@ -64,6 +66,20 @@ def describe_mapping(model: str, verdict: ChannelVerdict) -> str:
     return f"{model} → {verdict.upstream_model} (model_mapping rule {verdict.rule!r})"
 
 
+def fixes_lines(verdict: ChannelVerdict) -> list[str]:
+    """The request fixes the channel applies to the upstream model, one per line."""
+    channel = verdict.channel
+    spec = fixes_for(channel, verdict.upstream_model)
+    if spec is None:
+        return []
+    source = " + ".join(filter(None, [f"preset {channel.preset}" if channel.preset else "",
+                                      "channel fixes" if channel.fixes else ""]))
+    described = describe_fixes(spec)
+    if not described:
+        return [f"fixes ({source}): none for {verdict.upstream_model}"]
+    return [f"fixes ({source}):"] + [f"  - {line}" for line in described]
+
+
 def format_explanation(explanation: Explanation, health: dict | None = None) -> str:
     """`health`: a HealthRegistry snapshot, to say which candidates are resting right now."""
     model = explanation.model
@@ -76,6 +92,8 @@ def format_explanation(explanation: Explanation, health: dict | None = None) -> 
             continue
         lines.append(f"  allowed #{verdict.position} {name}  {describe_mapping(model, verdict)}")
         lines.append(f"  {'':{11 + width}}  → {verdict.url}")
+        if fixes := fixes_lines(verdict):
+            lines.extend(f"  {'':{11 + width}}  {line}" for line in fixes)
         if health and (state := health.get(verdict.channel.name)):
             if state.get("circuit") not in (None, "closed"):
                 lines.append(f"  {'':{11 + width}}  now: circuit {state['circuit']}")
@@ -106,6 +124,9 @@ def describe_channel(channel: Channel) -> str:
         facts.append(f"{len(channel.api_keys)} key(s)")
     if channel.fallback:
         facts.append("fallback")
+    if channel.preset or channel.fixes:
+        facts.append(" + ".join(filter(None, [f"preset {channel.preset}" if channel.preset else "",
+                                              "own fixes" if channel.fixes else ""])))
     facts.append("models: " + (", ".join(channel.supported_models) or "any"))
     if channel.model_mapping:
         facts.append("mapping: " + ", ".join(f"{k} → {v}" for k, v in channel.model_mapping))

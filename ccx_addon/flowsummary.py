@@ -171,6 +171,7 @@ class Verdict:
     marker: str
     failed: bool
     rejected: str = ""  # the gateway's error code when it answered itself
+    fixes: str = ""  # the request fixes the serving attempt got (presets, channel fixes)
 
 
 def tries_of(record: FlowRecord) -> list:
@@ -215,7 +216,8 @@ def judge(record: FlowRecord, status: int | None, error: str = "") -> Verdict | 
         marker = MARK_FAILOVER
     else:
         marker = ""
-    return Verdict(served_by, models, attempts, f"{status}{stream}" + (" failed" if failed else ""), problems, marker, failed)
+    return Verdict(served_by, models, attempts, f"{status}{stream}" + (" failed" if failed else ""), problems, marker, failed,
+                   fixes=", ".join(result.fixes))
 
 
 def comment_for(
@@ -232,6 +234,7 @@ def comment_for(
     else:
         parts = [f"ccx {verdict.served_by}" if verdict.served_by else "ccx failed", verdict.models]
         parts += [verdict.attempts] if verdict.attempts else []
+        parts += [f"fixes: {verdict.fixes}"] if verdict.fixes else []
         parts.append(verdict.status)
         parts += verdict.problems
         parts += format_timing(timing, stream)

@@ -9,13 +9,15 @@ from collections.abc import Iterable
 
 import aiohttp
 
-from .body import ChatRequest, replace_model, with_stream_usage
+from .body import ChatRequest
 from .caps import LearnedCaps, announced_cap, apply_cap, requested_output
 from .config import Channel, GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
 from .health import HealthRegistry, KeyPool
+from .reasoning import ReasoningCache
 from .redact import scrub_text
+from .rewrite import build_attempt_body
 from .routing import Route, RoutePlan
 from .sse import completion_to_events, is_event_stream
 from .upstream import (
@@ -38,6 +40,7 @@ class Attempt:
     upstream_model: str
     outcome: str  # "200", "503 overloaded", "cannot connect: ...", "skipped: ..."
     ok: bool = False
+    fixes: tuple[str, ...] = ()  # labels of the request fixes this attempt's body got
 
     @property
     def skipped(self) -> bool:
@@ -65,6 +68,11 @@ class ForwardResult:
     origin: str = "upstream"
     # Body bytes of `stream` already read to judge its first event: sent first.
     stream_first: bytes = b""
+
+    @property
+    def fixes(self) -> tuple[str, ...]:
+        """The request fixes the serving attempt's body got."""
+        return self.attempts[-1].fixes if self.route is not None and self.attempts else ()
 
     @property
     def tries(self) -> list[Attempt]:
@@ -110,6 +118,7 @@ class AttemptRun:
     budget: int
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
     caps: LearnedCaps = dataclasses.field(default_factory=LearnedCaps)
+    reasoning: ReasoningCache | None = None  # what upstreams reasoned, for passback (presets)
     last_answer: ForwardResult | None = None
     soonest_retry: float | None = None
     any_timeout: bool = False
@@ -145,6 +154,7 @@ class Forwarder:
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
         self.caps = LearnedCaps()
+        self.reasoning = ReasoningCache()
 
     async def forward(
         self,
@@ -157,6 +167,7 @@ class Forwarder:
     ) -> ForwardResult:
         run = AttemptRun(
             config, health, plan, request, raw_body, list(client_headers), config.max_attempts, caps=self.caps,
+            reasoning=self.reasoning,
         )
         for route in plan.routes:
             if (served := await self.try_channel(run, route)) is not None:
@@ -218,7 +229,7 @@ class Forwarder:
             breaker.record(True, time.time(), probe)
             return answer_echo(run, route, attempt), ""
 
-        body = attempt_body(run, route)
+        body, attempt.fixes = attempt_body(run, route)
         sent_at = time.monotonic()
         try:
             response = await self.send(run, channel, index, body)
@@ -358,7 +369,10 @@ class Forwarder:
 
     def learn_cap(self, run: AttemptRun, route: Route, status: int, answer: bytes, sent: bytes) -> bool:
         """Whether the answer announced an output cap below what was sent (now remembered
-        for this channel and upstream model)."""
+        for this channel and upstream model). Only channels that rewrite bodies (a preset or
+        `fixes`) learn: a channel without either sends the client's bytes, model aside."""
+        if not (route.channel.preset or route.channel.fixes):
+            return False
         cap = announced_cap(status, answer)
         if cap is None or run.budget <= 0:
             return False
@@ -378,16 +392,15 @@ def _deadline(request: ChatRequest, channel: Channel) -> float | None:
 
 
 # ---- the attempt body: the ONE place an attempt's request body is built ----------------
-def attempt_body(run: AttemptRun, route: Route) -> bytes:
-    """What this attempt sends upstream, always built from the client's own bytes, so a
-    failover never carries one channel's rewrites to the next."""
-    body = replace_model(run.raw_body, run.request, route.upstream_model)
-    if route.channel.stream_usage:
-        body = with_stream_usage(body, run.request)
+def attempt_body(run: AttemptRun, route: Route) -> tuple[bytes, tuple[str, ...]]:
+    """What this attempt sends upstream and labels of the fixes it got, always built from
+    the client's own bytes, so a failover never carries one channel's rewrites to the next."""
+    body, fixes = build_attempt_body(run.raw_body, run.request, route, run.reasoning)
     # Learned output caps (caps.py) apply last, to whatever the body builder made.
     if (cap := run.caps.get(route.channel.name, route.upstream_model)) is not None:
-        body, _ = apply_cap(body, cap)
-    return body
+        body, label = apply_cap(body, cap)
+        fixes += (label,) if label else ()
+    return body, fixes
 # ---------------------------------------------------------------------------------------
 
 

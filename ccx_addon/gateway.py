@@ -15,10 +15,12 @@ from mitmproxy.net.http import url as mitmproxy_url
 from . import legacylog
 from .access import model_not_found_message, reject
 from .body import BodyError, parse_chat_request
-from .forwarding import Forwarder, ForwardResult
+from .forwarding import Attempt, Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
+from .reasoning import ReasoningObserver, capture_completion
 from .redact import scrub_bytes
+from .rewrite import fixes_for, image_refusals
 from .routing import plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
 from .upstream import UpstreamClient, upstream_request_headers
@@ -120,6 +122,11 @@ class ChatGateway:
             reject(flow, record, 404, model_not_found_message(chat.model, plan.describe_skipped()),
                    "model_not_found", "model")
             return
+        plan, image_skips = image_refusals(plan, chat)
+        if not plan.routes:
+            reject(flow, record, 400, images_refused_message(chat.model, image_skips),
+                   "images_not_supported", "messages")
+            return
 
         # Forward in this task; the client watch cancels it if the client leaves meanwhile.
         task = asyncio.current_task()
@@ -136,12 +143,30 @@ class ChatGateway:
             return
         finally:
             self.client_watch.discard(task)
+        # Channels left out for the request's images show in the attempt record.
+        result.attempts[:0] = [Attempt(name, "-", model, f"skipped: {why}") for name, model, why in image_skips]
         record.result = result
         self.show_upstream_request(flow, result)
+        transforms = self.capture_reasoning(result)
         if result.stream is not None:
-            self.hand_over(flow, record, result, health)
+            self.hand_over(flow, record, result, health, transforms)
         else:
             self.respond(flow, result, config.secrets)
+
+    def capture_reasoning(self, result: ForwardResult) -> list:
+        """For channels with reasoning passback: remember the answer's reasoning_content, at
+        once for a buffered answer, and for a stream as it passes (the stream transforms
+        returned here; they never hold back a byte)."""
+        route = result.route
+        if route is None or not result.ok:
+            return []
+        spec = fixes_for(route.channel, route.upstream_model)
+        if spec is None or not spec.passback:
+            return []
+        if result.stream is None:
+            capture_completion(self.forwarder.reasoning, route.channel.name, result.body or b"")
+            return []
+        return [ReasoningObserver(self.forwarder.reasoning, route.channel.name)]
 
     def show_upstream_request(self, flow: http.HTTPFlow, result: ForwardResult) -> None:
         """Make the flow show the request as the serving upstream received it, with keys masked."""
@@ -182,7 +207,8 @@ class ChatGateway:
         )
 
     def hand_over(
-        self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult, health: HealthRegistry
+        self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult, health: HealthRegistry,
+        transforms: list | None = None,
     ) -> None:
         """`health` is the registry the request started with: a reload since then may have
         installed one without this channel."""
@@ -201,6 +227,7 @@ class ChatGateway:
             idle_timeout=route.channel.timeouts.idle,
             on_end=on_end,
             first=result.stream_first,
+            transforms=list(transforms or ()),
         ))
         record.handover_token = token
         # Retarget to the hand-over server; the Host header keeps naming the upstream.
@@ -210,6 +237,15 @@ class ChatGateway:
         flow.request.port = self.handover.port
         flow.request.host_header = upstream_host
         flow.request.headers[TOKEN_HEADER] = token
+
+
+def images_refused_message(model: str, refused: list[tuple[str, str, str]]) -> str:
+    names = "; ".join(f"{name} ({upstream}): {why}" for name, upstream, why in refused)
+    return (
+        f"The request has image parts, and no channel for model {model!r} takes images: {names}. "
+        f"Remove the images, or ask for a model served by a channel that takes them "
+        f"(a channel's fixes.images, or its preset, says whether it does)."
+    )
 
 
 def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:

@@ -111,6 +111,12 @@ class FakeUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def chats(self) -> list[Received]:
+        """The chat requests received: preset channels also fetch GET /models in the
+        background (the /v1/models catalog), at a moment no test controls."""
+        return [r for r in self.received if r.method == "POST" and r.path.endswith("/chat/completions")]
+
     def start(self) -> "FakeUpstream":
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(5)

@@ -189,3 +189,23 @@ def test_help_mentions_the_subcommands():
     result = ccx_addon("--help")
     assert result.returncode == 0
     assert "check | explain MODEL | opencode-config" in textwrap.dedent(result.stdout).replace("\n", " ")
+
+
+def test_explain_lists_the_request_fixes_of_presets_and_channel_fixes(write_config):
+    text = EXAMPLE.replace('    supported_models: ["gpt-*", "!gpt-3.5*"]\n',
+                        '    supported_models: ["gpt-*", "!gpt-3.5*"]\n    preset: openai\n', 1)
+    text = text.replace('    supported_models: ["deepseek-*", "gpt-*", "o*"]\n',
+                        '    supported_models: ["deepseek-*", "gpt-*", "o*"]\n    preset: deepseek\n'
+                        '    fixes: {models: {"deepseek-chat": {drop_params: [logprobs]}}}\n', 1)
+    path = write_config(text)
+    result = ccx_addon("explain", "gpt-5", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "fixes (preset openai):\n" in out
+    assert "- rename max_tokens→max_completion_tokens" in out and "- drop temperature unless 1" in out
+    assert "fixes (preset deepseek + channel fixes):\n" in out
+    assert "- clamp max_tokens ≥1 ≤8192" in out and "- drop logprobs" in out
+    assert "- no images (requests with image parts skip this channel)" in out
+    check = ccx_addon("check", "--config", str(path))
+    assert "preset deepseek + own fixes" in check.stdout
+    assert_no_secret(out, check.stdout)

@@ -149,8 +149,14 @@ def test_shipped_configs_load():
     example = load_config(ROOT / "config" / "ccx.example.yaml", env)
     assert [c.base_url for c in example.channels] == [
         "https://api.openai.com/v1", "https://api.deepseek.com", "https://open.bigmodel.cn/api/paas/v4",
-        "https://api.minimax.io/v1", "https://api.moonshot.ai/v1",
+        "https://api.minimax.io/v1", "https://api.moonshot.ai/v1", "https://llm.example.com/v1",
     ]
+    # Each shipped provider channel names its own preset.
+    assert {c.name: c.preset for c in default.channels} == {
+        "openai": "openai", "deepseek": "deepseek", "glm": "glm", "minimax": "minimax", "kimi": "kimi", "echo": "",
+    }
+    assert [c.preset for c in example.channels] == ["openai", "deepseek", "glm", "minimax", "kimi", ""]
+    assert [glob for glob, _ in example.channels[-1].fixes] == ["*", "other-reasoner* !other-reasoner-lite*"]
 
 
 def test_missing_file():

@@ -125,6 +125,11 @@ VALID = """
     ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    auth_header: basic\n", "auth_header"),
     ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    timeouts: {connect: -1}\n", "connect"),
     ("channels: []\nmax_attempts: 0\n", "max_attempts"),
+    ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    fixes: {drop_parms: [x]}\n", "drop_parms"),
+    ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    fixes: {clamp: {max_tokens: {max: big}}}\n", "max"),
+    ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    fixes: {role_map: {developer: boss}}\n", "role_map"),
+    ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    fixes: {models: {\"a*\": {models: {}}}}\n", "models"),
+    ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    fixes: {reasoning_passback: {scope: some}}\n", "scope"),
     ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\ncircuit_breaker: {failure_ratio: 2}\n", "failure_ratio"),
 ])
 def test_schema_and_loader_both_refuse_broken_configs(broken, where):
@@ -145,6 +150,8 @@ def test_schema_fields_are_the_fields_config_py_accepts():
     assert set(channel["timeouts"]["properties"]) == ccx_config._TIMEOUT_FIELDS
     assert set(top["circuit_breaker"]["properties"]) == ccx_config._BREAKER_FIELDS
     assert set(SCHEMA["definitions"]["channel"]["required"]) == {"name", "base_url"}
+    assert set(SCHEMA["definitions"]["fixes"]["properties"]) == ccx_config._FIXES_FIELDS
+    assert set(SCHEMA["definitions"]["fix"]["properties"]) == ccx_config._FIX_FIELDS
     # The schema's defaults are the loader's.
     for name, field in channel["timeouts"]["properties"].items():
         assert field["default"] == getattr(ccx_config.Timeouts(), name), name

@@ -59,14 +59,28 @@ def test_next_key_round_robin_and_skip_reason():
     assert run.soonest_retry > time.time() + 25
 
 
-def test_attempt_body_maps_the_model_and_applies_learned_caps():
-    run = make_run()
+def test_attempt_body_keeps_the_bytes_and_applies_learned_caps():
+    # A channel without a preset: only the model value would change; a learned cap is the
+    # one other rewrite, and is labelled.
+    run = make_run("plain-1")
     route = run.plan.routes[0]
-    assert attempt_body(run, route) == b'{"model": "deepseek-chat", "max_tokens": 32000, "messages": []}'
-    run.caps.learn("ds", "deepseek-chat", 8192)
-    assert attempt_body(run, route) == b'{"model": "deepseek-chat", "max_tokens": 8192, "messages": []}'
-    run.caps.learn("ds", "other-model", 1)  # another upstream model: not applied
-    assert b"8192" in attempt_body(run, route)
+    assert attempt_body(run, route) == (b'{"model": "plain-1", "max_tokens": 32000, "messages": []}', ())
+    run.caps.learn("plain", "plain-1", 8192)
+    assert attempt_body(run, route) == (
+        b'{"model": "plain-1", "max_tokens": 8192, "messages": []}', ("max_tokens 32000→8192",))
+    run.caps.learn("plain", "other-model", 1)  # another upstream model: not applied
+    assert b"8192" in attempt_body(run, route)[0]
+
+
+def test_attempt_body_preset_fixes_then_learned_cap():
+    run = make_run()  # gpt-5 -> deepseek-chat on the deepseek preset: clamped to 8192
+    route = run.plan.routes[0]
+    body, fixes = attempt_body(run, route)
+    assert b'"max_tokens":8192' in body.replace(b" ", b"") and b'"deepseek-chat"' in body
+    assert any("8192" in label for label in fixes)
+    run.caps.learn("ds", "deepseek-chat", 4096)
+    body, fixes = attempt_body(run, route)
+    assert b'"max_tokens":4096' in body.replace(b" ", b"") and fixes[-1] == "max_tokens 8192→4096"
 
 
 def test_penalise_cooldown_sources_in_order():
