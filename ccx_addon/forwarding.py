@@ -153,7 +153,8 @@ class Forwarder:
                     breaker.release_probe()  # the client left; no verdict on the channel
                     raise
                 except UpstreamError as e:
-                    attempt.outcome = e.reason
+                    # A client library's complaint may quote the URL, credentials included.
+                    attempt.outcome = scrub_text(e.reason, config.secrets)
                     any_timeout = any_timeout or e.timeout
                     breaker.record(False, time.time(), probe)
                     break  # a connection-level failure: the next channel, not the next key

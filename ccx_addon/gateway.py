@@ -18,7 +18,8 @@ from .body import BodyError, parse_chat_request
 from .forwarding import Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
-from .redact import scrub_bytes
+from .encodings import StreamDecoder, encodings_of
+from .redact import StreamScrubber, scrub_bytes, scrub_headers
 from .routing import plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
 from .upstream import UpstreamClient, upstream_request_headers
@@ -137,14 +138,15 @@ class ChatGateway:
         finally:
             self.client_watch.discard(task)
         record.result = result
-        self.show_upstream_request(flow, result)
+        self.show_upstream_request(flow, result, config.secrets)
         if result.stream is not None:
-            self.hand_over(flow, record, result, health)
+            self.hand_over(flow, record, result, health, config.secrets)
         else:
             self.respond(flow, result, config.secrets)
 
-    def show_upstream_request(self, flow: http.HTTPFlow, result: ForwardResult) -> None:
-        """Make the flow show the request as the serving upstream received it, with keys masked."""
+    def show_upstream_request(self, flow: http.HTTPFlow, result: ForwardResult, secrets: tuple[str, ...] = ()) -> None:
+        """Make the flow show the request as the serving upstream received it, with keys
+        masked: the channel's key, its secret headers, credentials in its base_url."""
         if result.route is None or result.route.channel.is_echo:
             return
         channel = result.route.channel
@@ -152,7 +154,7 @@ class ChatGateway:
         scheme, host, port, path, netloc = _upstream_target(result.upstream_url)
         flow.request.scheme, flow.request.host, flow.request.port, flow.request.path = scheme, host, port, path
         headers = upstream_request_headers(flow.request.headers.items(multi=True), channel, SECRET_MASK)
-        flow.request.headers = _headers(headers.items())
+        flow.request.headers = _headers(scrub_headers(headers.items(), secrets))
         flow.request.host_header = netloc
         flow.request.raw_content = result.sent_body
         if "content-length" in flow.request.headers or result.sent_body:
@@ -161,10 +163,9 @@ class ChatGateway:
     def respond(self, flow: http.HTTPFlow, result: ForwardResult, secrets: tuple[str, ...] = ()) -> None:
         """`secrets`: the keys of the config the request started with, which a reload may
         have replaced since (the config in force is scrubbed too)."""
-        body = result.body or b""
-        if not result.ok:
-            body = self.state.scrub(scrub_bytes(body, secrets))
-        headers = [(k, v) for k, v in result.headers if k.lower() != "content-length"]
+        # Errors and successes alike: a 200 may quote a key too (item 6 of issue 9).
+        body = self.state.scrub(scrub_bytes(result.body or b"", secrets))
+        headers = [(k, v) for k, v in self.scrubbed_headers(result.headers, secrets) if k.lower() != "content-length"]
         headers.append(("content-length", str(len(body))))
         headers.extend(gateway_headers(result))
         if result.origin == "gateway":
@@ -181,11 +182,17 @@ class ChatGateway:
             timestamp_end=now,
         )
 
+    def scrubbed_headers(self, headers: list[tuple[str, str]], secrets: tuple[str, ...]) -> list[tuple[str, str]]:
+        """Upstream response headers with the keys of the request's config and of the
+        config in force masked (an upstream may echo a key in a header)."""
+        return scrub_headers(headers, (*secrets, *(self.state.config.secrets if self.state.config else ())))
+
     def hand_over(
-        self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult, health: HealthRegistry
+        self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult, health: HealthRegistry,
+        secrets: tuple[str, ...] = (),
     ) -> None:
         """`health` is the registry the request started with: a reload since then may have
-        installed one without this channel."""
+        installed one without this channel; `secrets`, that config's keys."""
         route = result.route
 
         def on_end(failure: str | None) -> None:
@@ -197,9 +204,10 @@ class ChatGateway:
             response=result.stream,
             status=result.status,
             reason=result.reason,
-            headers=result.headers + gateway_headers(result),
+            headers=self.scrubbed_headers(result.headers, secrets) + gateway_headers(result),
             idle_timeout=route.channel.timeouts.idle,
             on_end=on_end,
+            transforms=stream_transforms(result.stream.headers.get("content-encoding"), secrets),
         ))
         record.handover_token = token
         # Retarget to the hand-over server; the Host header keeps naming the upstream.
@@ -209,6 +217,17 @@ class ChatGateway:
         flow.request.port = self.handover.port
         flow.request.host_header = upstream_host
         flow.request.headers[TOKEN_HEADER] = token
+
+
+def stream_transforms(content_encoding: str | None, secrets: tuple[str, ...]) -> list:
+    """The first steps every handed-over stream passes through: decode the upstream's
+    content encoding (the client gets plain events, announced as such), then mask secrets
+    (an error event may quote the key, split across two chunks). Later steps see plain,
+    scrubbed bytes."""
+    steps: list = [StreamDecoder(content_encoding)] if encodings_of(content_encoding) else []
+    if secrets:
+        steps.append(StreamScrubber(secrets))
+    return steps
 
 
 def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:
@@ -237,7 +256,8 @@ def _upstream_target(upstream_url: str) -> tuple:
     """mitmproxy's parse of an upstream URL (scheme, host, port, path) and its netloc. Every
     flow shows one of a few URLs, and parsing one costs more than the rest of
     show_upstream_request (see README, "Performance")."""
-    return (*mitmproxy_url.parse(upstream_url), urlsplit(upstream_url).netloc)
+    # The Host header never shows credentials written into base_url (user:KEY@host).
+    return (*mitmproxy_url.parse(upstream_url), urlsplit(upstream_url).netloc.rpartition("@")[2])
 
 
 def _headers(pairs) -> http.Headers:
