@@ -15,10 +15,12 @@ def make_addons() -> list:
     from .gateway import ChatGateway
     from .modes import ReverseModeDefaults
     from .state import GatewayState
+    from .webauth import WebApiGuard
 
     state = GatewayState()
     return [
         ReverseModeDefaults(),
+        WebApiGuard(),  # mitmweb without its own authentication (mitmproxy 11.0) gets a token
         ConfigStore(state),
         AccessGate(state),
         ChatGateway(state),
