@@ -11,6 +11,7 @@ def make_addons() -> list:
     from .configstore import ConfigStore
     from .explain import Explain
     from .flowlist import CommentColumn, FlowLimit
+    from .flowmemory import FlowMemory
     from .flowview import FlowView
     from .gateway import ChatGateway
     from .modes import ReverseModeDefaults
@@ -25,6 +26,7 @@ def make_addons() -> list:
         AccessGate(state),
         ChatGateway(state),
         FlowView(state),
+        FlowMemory(state),  # after FlowView: cuts bodies once a flow is finished
         CommentColumn(),
         FlowLimit(),
         Explain(state),
