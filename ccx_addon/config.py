@@ -114,8 +114,8 @@ class GatewayConfig:
         return tuple(sorted({k for k in keys if k}, key=len, reverse=True))
 
 
-# Channel header values shorter than this are not treated as secrets: masking "1" or "true"
-# everywhere would mangle answers, and no credential is that short.
+# Channel header values (and base_url passwords) shorter than this are not treated as
+# secrets: masking "1" or "true" everywhere would mangle answers, and no key is that short.
 MIN_HEADER_SECRET = 8
 # Channel headers whose values are clearly not credentials (everything else a user puts in
 # `channels[].headers`, such as `api-key`, is treated as one).
@@ -135,8 +135,10 @@ def channel_secrets(channel: "Channel") -> list[str]:
     ]
     parts = urlsplit(channel.base_url)
     if parts.username or parts.password:
-        written = [x for x in (parts.password, parts.username) if x and len(x) >= 4]
-        found += written + [unquote(x) for x in written]
+        # The password; or, without one, the user name (`https://TOKEN@host`).
+        credential = parts.password or parts.username
+        if len(unquote(credential)) >= MIN_HEADER_SECRET:
+            found += [credential, unquote(credential)]
         basic = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
         found.append(base64.b64encode(basic.encode()).decode())
     return found

@@ -99,8 +99,13 @@ def test_mitmweb_does_not_keep_big_request_bodies(web):
     requests, size_mb = 12, 10
     for _ in range(requests):
         assert ask(gw, size_mb * 1024 * 1024).status_code == 200
-    chat_flows(api)  # the flows are listed (and the web server answered)
+    deadline = time.time() + 10
+    while not cut_of(chat_flows(api)[-1]["request"]) and time.time() < deadline:
+        time.sleep(0.1)  # the last flow is cut a moment after its answer went out
+    flows = chat_flows(api)
+    assert len(flows) == requests + 1 and all(cut_of(f["request"]) for f in flows[1:])
     grown = rss_mb(gw.process.pid) - before
     # Before the bounds, mitmweb kept two copies of every body (~240 MB here, for good);
-    # now at most 1 MB a body, plus what the allocator keeps of the last requests.
-    assert grown < requests * size_mb * 0.4, f"RSS grew {grown:.0f} MB"
+    # now at most 1 MB a body, plus what the allocator keeps of the last requests
+    # (25-36 MB measured).
+    assert grown < requests * size_mb * 0.5, f"RSS grew {grown:.0f} MB"
