@@ -68,8 +68,10 @@ class FlowMemory:
         self.state = state
         self.body_limit = 1024 * 1024
         self.total_limit = 256 * 1024 * 1024
-        # Finished flows, oldest first: flow id -> (weak flow, body bytes kept).
+        # Finished flows still alive, oldest first: flow id -> (weak flow, body bytes kept).
+        # An entry goes when its flow is freed (removed from the list, or mitmdump done).
         self.kept: dict[str, tuple[weakref.ref, int]] = {}
+        self.total = 0
         self._malloc_trim = _find_malloc_trim()
 
     def load(self, loader) -> None:
@@ -119,7 +121,7 @@ class FlowMemory:
         for message in (flow.request, flow.response):
             if message is not None:
                 freed += cut_message(message, self.body_limit, "ccx_flow_body_limit")
-        self.kept[flow.id] = (weakref.ref(flow), body_bytes(flow))
+        self.remember(flow)
         freed += self.enforce_total()
         if freed >= 8 * 1024 * 1024 and self._malloc_trim:
             # Large freed bodies stay in the C heap otherwise (glibc raises its mmap
@@ -139,20 +141,29 @@ class FlowMemory:
         record.capture = None
         return freed
 
+    def remember(self, flow: http.HTTPFlow) -> None:
+        self.forget(flow.id)
+        size = body_bytes(flow)
+        self.kept[flow.id] = (weakref.ref(flow, lambda _, flow_id=flow.id: self.forget(flow_id)), size)
+        self.total += size
+
+    def forget(self, flow_id: str) -> None:
+        if (entry := self.kept.pop(flow_id, None)) is not None:
+            self.total -= entry[1]
+
     def enforce_total(self) -> int:
-        sizes = []
-        for flow_id, (ref, size) in list(self.kept.items()):
-            flow = ref()
-            if flow is None:
-                del self.kept[flow_id]  # removed from the list (ccx_keep_flows, clear)
-            else:
-                sizes.append((flow, size))
+        """Cut the oldest flows' bodies until all fit in `ccx_flows_memory`."""
+        if self.total <= self.total_limit:
+            return 0
+        sizes = [(flow, size) for ref, size in self.kept.values() if (flow := ref()) is not None]
         freed = 0
         for flow in oldest_over_budget(sizes, self.total_limit):
             for message in (flow.request, flow.response):
                 if message is not None:
                     freed += cut_message(message, 0, "ccx_flows_memory")
-            self.kept[flow.id] = (weakref.ref(flow), 0)
+            ref, size = self.kept[flow.id]
+            self.kept[flow.id] = (ref, 0)  # in place: the flow stays among the oldest
+            self.total -= size
         return freed
 
 

@@ -1,5 +1,6 @@
-"""Pure parts of encodings.py and webauth.py (the behaviour is proven against real
-mitmdump/mitmweb subprocesses in test_upstream_answers.py and test_mitmweb.py)."""
+"""Pure parts of encodings.py, webauth.py and flowmemory.py (the behaviour is proven
+against real mitmdump/mitmweb subprocesses in test_upstream_answers.py, test_mitmweb.py
+and test_flow_memory.py)."""
 
 import gzip
 import zlib
@@ -40,3 +41,13 @@ def test_web_tokens_come_from_bearer_query_or_cookie_and_compare_exactly():
     assert token_matches("secret-token", "secret-token")
     assert not token_matches("secret-tok", "secret-token")
     assert not token_matches("", "") and not token_matches(None, "x")
+
+
+def test_oldest_flows_are_emptied_first_until_the_rest_fit():
+    from ccx_addon.flowmemory import oldest_over_budget
+
+    sizes = [("a", 100), ("b", 0), ("c", 100), ("d", 100)]
+    assert oldest_over_budget(sizes, 300) == []
+    assert oldest_over_budget(sizes, 250) == ["a"]
+    assert oldest_over_budget(sizes, 100) == ["a", "c"]
+    assert oldest_over_budget(sizes, 0) == ["a", "c", "d"]
