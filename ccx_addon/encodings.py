@@ -105,8 +105,8 @@ class StreamDecoder:
 
 def decode_body(body: bytes, header: str | None, limit: int) -> bytes:
     """A whole body decoded (at most `limit` bytes), or DecodeError."""
-    if not encodings_of(header):
-        return body
+    if not body or not encodings_of(header):
+        return body  # an empty body under an encoding header (some proxies' errors) stays empty
     decoder = StreamDecoder(header, limit)
     data = decoder.feed(body) + decoder.end()
     if not all(layer.complete for layer in decoder.layers):

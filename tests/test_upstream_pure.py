@@ -23,6 +23,7 @@ def test_layered_and_concatenated_bodies_decode():
     assert decode_body(zlib.compress(gzip.compress(data)), "gzip, deflate", 1000) == data
     assert decode_body(gzip.compress(data) + gzip.compress(data), "gzip", 1000) == data + data
     assert decode_body(data, "identity", 1000) == data
+    assert decode_body(b"", "gzip", 1000) == b""
 
 
 def test_truncated_or_oversized_bodies_are_refused():
