@@ -15,10 +15,10 @@ from mitmproxy.net.http import url as mitmproxy_url
 from . import legacylog
 from .access import model_not_found_message, reject
 from .body import BodyError, parse_chat_request
+from .encodings import StreamDecoder, encodings_of
 from .forwarding import Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
-from .encodings import StreamDecoder, encodings_of
 from .redact import StreamScrubber, scrub_bytes, scrub_headers
 from .routing import plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
