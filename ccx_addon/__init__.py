@@ -12,20 +12,24 @@ def make_addons() -> list:
     from .configstore import ConfigStore
     from .explain import Explain
     from .flowlist import CommentColumn, FlowLimit
+    from .flowmemory import FlowMemory
     from .flowview import FlowView
     from .gateway import ChatGateway
     from .modes import ReverseModeDefaults
     from .state import GatewayState
+    from .webauth import WebApiGuard
 
     state = GatewayState()
     gateway = ChatGateway(state)
     return [
         ReverseModeDefaults(),
+        WebApiGuard(),  # mitmweb without its own authentication (mitmproxy 11.0) gets a token
         ConfigStore(state),
         AccessGate(state),
         ModelCatalog(state, gateway.client),  # before the gateway: stopped before its client closes
         gateway,
         FlowView(state),
+        FlowMemory(state),  # after FlowView: cuts bodies once a flow is finished
         CommentColumn(),
         FlowLimit(),
         Explain(state),

@@ -5,6 +5,7 @@ Everything here is pure: `load_config(path, environ)` returns a `GatewayConfig` 
 (keys) never appear in a message: values are not quoted back, only their place.
 """
 
+import base64
 import dataclasses
 import functools
 import json
@@ -13,11 +14,12 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
 from .fixes import Clamp, FixSpec, Frozen
+from .redact import SECRET_MASK
 
 ECHO_BASE_URL = "echo:"
 # Provider presets a channel can name (`preset:`): what each one fixes is decided in the
@@ -124,7 +126,48 @@ class GatewayConfig:
         keys = list(self.proxy_access_keys)
         for channel in self.channels:
             keys.extend(channel.api_keys)
-        return tuple(k for k in keys if k)
+            keys.extend(channel_secrets(channel))
+        # Longest first: a secret that contains another is masked whole.
+        return tuple(sorted({k for k in keys if k}, key=len, reverse=True))
+
+
+# Channel header values (and base_url passwords) shorter than this are not treated as
+# secrets: masking "1" or "true" everywhere would mangle answers, and no key is that short.
+MIN_HEADER_SECRET = 8
+# Channel headers whose values are clearly not credentials (everything else a user puts in
+# `channels[].headers`, such as `api-key`, is treated as one).
+NOT_SECRET_HEADERS = frozenset({
+    "accept", "content-type", "user-agent", "referer", "http-referer", "x-title",
+    "openai-beta", "anthropic-version",
+})
+
+
+def channel_secrets(channel: "Channel") -> list[str]:
+    """A channel's secrets besides its api_keys: header values (unless clearly not secret)
+    and the credentials written into base_url (`https://user:KEY@host`), also in the
+    Basic form a client library may send them in."""
+    found = [
+        value for name, value in channel.headers
+        if name.lower() not in NOT_SECRET_HEADERS and len(value.strip()) >= MIN_HEADER_SECRET
+    ]
+    parts = urlsplit(channel.base_url)
+    if parts.username or parts.password:
+        # The password; or, without one, the user name (`https://TOKEN@host`).
+        credential = parts.password or parts.username
+        if len(unquote(credential)) >= MIN_HEADER_SECRET:
+            found += [credential, unquote(credential)]
+        basic = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        found.append(base64.b64encode(basic.encode()).decode())
+    return found
+
+
+def url_without_credentials(url: str) -> str:
+    """`url` with any `user:password@` replaced by the mask, for showing it."""
+    parts = urlsplit(url)
+    if not (parts.username or parts.password):
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{SECRET_MASK}@{host}").geturl()
 
 
 # --- YAML with line numbers -------------------------------------------------------------

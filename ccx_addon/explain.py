@@ -12,7 +12,7 @@ import time
 
 from mitmproxy import command
 
-from .config import Channel, GatewayConfig
+from .config import Channel, GatewayConfig, url_without_credentials
 from .fixes import describe as describe_fixes
 from .rewrite import fixes_for
 from .routing import listed_models, map_model, plan_routes
@@ -32,7 +32,9 @@ class ChannelVerdict:
 
     @property
     def url(self) -> str:
-        return "echo: (answered by the gateway itself)" if self.channel.is_echo else self.channel.chat_url
+        if self.channel.is_echo:
+            return "echo: (answered by the gateway itself)"
+        return url_without_credentials(self.channel.chat_url)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +121,12 @@ def describe_channel(channel: Channel) -> str:
         state = f"inactive: {channel.inactive_reason}"
     else:
         state = "active"
-    facts = [state, "echo: built-in" if channel.is_echo else channel.chat_url]
+    facts = [state, "echo: built-in" if channel.is_echo else url_without_credentials(channel.chat_url)]
     if channel.api_keys:
         facts.append(f"{len(channel.api_keys)} key(s)")
+    if channel.headers:
+        # Names only: header values are treated as secrets (README, "Secrets").
+        facts.append("headers: " + ", ".join(name for name, _ in channel.headers))
     if channel.fallback:
         facts.append("fallback")
     if channel.preset or channel.fixes:

@@ -136,7 +136,8 @@ class AttemptRun:
         return attempt
 
     def fail(self, attempt: Attempt, error: "UpstreamError", prefix: str = "") -> None:
-        attempt.outcome = prefix + error.reason
+        # A client library's complaint may quote the URL, credentials included.
+        attempt.outcome = scrub_text(prefix + error.reason, self.config.secrets)
         self.any_timeout = self.any_timeout or error.timeout
 
     def result(self, route: Route, status: int, reason: str, headers, **fields) -> ForwardResult:

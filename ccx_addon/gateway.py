@@ -15,11 +15,12 @@ from mitmproxy.net.http import url as mitmproxy_url
 from . import legacylog
 from .access import model_not_found_message, reject
 from .body import BodyError, parse_chat_request
+from .encodings import StreamDecoder, encodings_of
 from .forwarding import Attempt, Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
 from .reasoning import ReasoningObserver, capture_completion
-from .redact import scrub_bytes
+from .redact import StreamScrubber, scrub_bytes, scrub_headers
 from .rewrite import fixes_for, image_refusals
 from .routing import plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
@@ -146,10 +147,10 @@ class ChatGateway:
         # Channels left out for the request's images show in the attempt record.
         result.attempts[:0] = [Attempt(name, "-", model, f"skipped: {why}") for name, model, why in image_skips]
         record.result = result
-        self.show_upstream_request(flow, result)
+        self.show_upstream_request(flow, result, config.secrets)
         transforms = self.capture_reasoning(result)
         if result.stream is not None:
-            self.hand_over(flow, record, result, health, transforms)
+            self.hand_over(flow, record, result, health, config.secrets, transforms)
         else:
             self.respond(flow, result, config.secrets)
 
@@ -168,8 +169,9 @@ class ChatGateway:
             return []
         return [ReasoningObserver(self.forwarder.reasoning, route.channel.name)]
 
-    def show_upstream_request(self, flow: http.HTTPFlow, result: ForwardResult) -> None:
-        """Make the flow show the request as the serving upstream received it, with keys masked."""
+    def show_upstream_request(self, flow: http.HTTPFlow, result: ForwardResult, secrets: tuple[str, ...] = ()) -> None:
+        """Make the flow show the request as the serving upstream received it, with keys
+        masked: the channel's key, its secret headers, credentials in its base_url."""
         if result.route is None or result.route.channel.is_echo:
             return
         channel = result.route.channel
@@ -177,7 +179,7 @@ class ChatGateway:
         scheme, host, port, path, netloc = _upstream_target(result.upstream_url)
         flow.request.scheme, flow.request.host, flow.request.port, flow.request.path = scheme, host, port, path
         headers = upstream_request_headers(flow.request.headers.items(multi=True), channel, SECRET_MASK)
-        flow.request.headers = _headers(headers.items())
+        flow.request.headers = _headers(scrub_headers(headers.items(), secrets))
         flow.request.host_header = netloc
         flow.request.raw_content = result.sent_body
         if "content-length" in flow.request.headers or result.sent_body:
@@ -186,10 +188,9 @@ class ChatGateway:
     def respond(self, flow: http.HTTPFlow, result: ForwardResult, secrets: tuple[str, ...] = ()) -> None:
         """`secrets`: the keys of the config the request started with, which a reload may
         have replaced since (the config in force is scrubbed too)."""
-        body = result.body or b""
-        if not result.ok:
-            body = self.state.scrub(scrub_bytes(body, secrets))
-        headers = [(k, v) for k, v in result.headers if k.lower() != "content-length"]
+        # Errors and successes alike: a 200 may quote a key too (item 6 of issue 9).
+        body = self.state.scrub(scrub_bytes(result.body or b"", secrets))
+        headers = [(k, v) for k, v in self.scrubbed_headers(result.headers, secrets) if k.lower() != "content-length"]
         headers.append(("content-length", str(len(body))))
         headers.extend(gateway_headers(result))
         if result.origin == "gateway":
@@ -206,12 +207,17 @@ class ChatGateway:
             timestamp_end=now,
         )
 
+    def scrubbed_headers(self, headers: list[tuple[str, str]], secrets: tuple[str, ...]) -> list[tuple[str, str]]:
+        """Upstream response headers with the keys of the request's config and of the
+        config in force masked (an upstream may echo a key in a header)."""
+        return scrub_headers(headers, (*secrets, *(self.state.config.secrets if self.state.config else ())))
+
     def hand_over(
         self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult, health: HealthRegistry,
-        transforms: list | None = None,
+        secrets: tuple[str, ...] = (), transforms: list | None = None,
     ) -> None:
         """`health` is the registry the request started with: a reload since then may have
-        installed one without this channel."""
+        installed one without this channel; `secrets`, that config's keys."""
         route = result.route
 
         def on_end(failure: str | None) -> None:
@@ -223,11 +229,13 @@ class ChatGateway:
             response=result.stream,
             status=result.status,
             reason=result.reason,
-            headers=result.headers + gateway_headers(result),
+            headers=self.scrubbed_headers(result.headers, secrets) + gateway_headers(result),
             idle_timeout=route.channel.timeouts.idle,
             on_end=on_end,
             first=result.stream_first,
-            transforms=list(transforms or ()),
+            # Decoding and scrubbing first: later steps see plain, scrubbed bytes.
+            transforms=stream_transforms(result.stream.headers.get("content-encoding"), secrets)
+            + list(transforms or ()),
         ))
         record.handover_token = token
         # Retarget to the hand-over server; the Host header keeps naming the upstream.
@@ -246,6 +254,15 @@ def images_refused_message(model: str, refused: list[tuple[str, str, str]]) -> s
         f"Remove the images, or ask for a model served by a channel that takes them "
         f"(a channel's fixes.images, or its preset, says whether it does)."
     )
+def stream_transforms(content_encoding: str | None, secrets: tuple[str, ...]) -> list:
+    """The first steps every handed-over stream passes through: decode the upstream's
+    content encoding (the client gets plain events, announced as such), then mask secrets
+    (an error event may quote the key, split across two chunks). Later steps see plain,
+    scrubbed bytes."""
+    steps: list = [StreamDecoder(content_encoding)] if encodings_of(content_encoding) else []
+    if secrets:
+        steps.append(StreamScrubber(secrets))
+    return steps
 
 
 def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:
@@ -274,7 +291,8 @@ def _upstream_target(upstream_url: str) -> tuple:
     """mitmproxy's parse of an upstream URL (scheme, host, port, path) and its netloc. Every
     flow shows one of a few URLs, and parsing one costs more than the rest of
     show_upstream_request (see README, "Performance")."""
-    return (*mitmproxy_url.parse(upstream_url), urlsplit(upstream_url).netloc)
+    # The Host header never shows credentials written into base_url (user:KEY@host).
+    return (*mitmproxy_url.parse(upstream_url), urlsplit(upstream_url).netloc.rpartition("@")[2])
 
 
 def _headers(pairs) -> http.Headers:

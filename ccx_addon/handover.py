@@ -17,7 +17,9 @@ from typing import Protocol
 
 import aiohttp
 
+from .encodings import DecodeError
 from .sse import error_event
+from .upstream import BrokenBody, read_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -188,31 +190,39 @@ class HandoverServer:
                 if pending:
                     chunk, pending = pending, b""
                 else:
-                    async with asyncio.timeout(stream.idle_timeout):
-                        chunk = await content.readany()
+                    chunk = await read_chunk(stream.response, stream.idle_timeout)
             except TimeoutError:
                 failure = f"upstream sent nothing for {stream.idle_timeout:g}s"
+                break
+            except BrokenBody as e:
+                failure = f"upstream broke off the stream: {e}"
                 break
             except (aiohttp.ClientError, OSError) as e:
                 failure = f"upstream connection broke mid-stream ({type(e).__name__})"
                 break
-            if not chunk:
-                if stream.transforms and (rest := run_transforms(stream.transforms, b"", final=True)):
-                    writer.write(b"%x\r\n%b\r\n" % (len(rest), rest))
-                    tail = (tail + rest)[-2:]
-                if not _framed(stream.response.headers) and b"[DONE]" not in last:
-                    # Without chunking or a length, a reset reads as a normal end: only the
-                    # missing [DONE] tells a cut stream from a complete one.
-                    failure = "upstream closed the connection before the end of the stream"
+            try:
+                if not chunk:
+                    if stream.transforms and (rest := run_transforms(stream.transforms, b"", final=True)):
+                        writer.write(b"%x\r\n%b\r\n" % (len(rest), rest))
+                        tail = (tail + rest)[-2:]
+                    if not _framed(stream.response.headers) and b"[DONE]" not in last:
+                        # Without chunking or a length, a reset reads as a normal end: only the
+                        # missing [DONE] tells a cut stream from a complete one.
+                        failure = "upstream closed the connection before the end of the stream"
+                    break
+                last = (last + chunk)[-64:]
+                if stream.transforms:
+                    chunk = run_transforms(stream.transforms, chunk)
+            except DecodeError as e:
+                failure = str(e)
                 break
-            last = (last + chunk)[-64:]
-            if stream.transforms and not (chunk := run_transforms(stream.transforms, chunk)):
+            if not chunk:
                 continue
             writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             tail = (tail + chunk)[-2:]
             await writer.drain()
         if failure is not None:
-            if stream.transforms and (rest := run_transforms(stream.transforms, b"", final=True)):
+            if stream.transforms and (rest := _flush(stream.transforms)):
                 writer.write(b"%x\r\n%b\r\n" % (len(rest), rest))
                 tail = (tail + rest)[-2:]
             stream.response.close()
@@ -227,6 +237,15 @@ class HandoverServer:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         stream.on_end(failure)
+
+
+def _flush(transforms) -> bytes:
+    """What the transforms still hold after a failed stream (nothing when one of them
+    cannot make sense of it)."""
+    try:
+        return run_transforms(transforms, b"", final=True)
+    except DecodeError:
+        return b""
 
 
 def _framed(headers) -> bool:

@@ -15,6 +15,7 @@ import aiohttp
 
 from .config import Channel
 from .verdicts import Verdict, judge_answer  # noqa: F401 (re-exported)
+from .encodings import DecodeError, decode_body, unsupported_encoding
 
 # Never forwarded: connection-level headers, and the client's credentials.
 HOP_BY_HOP = frozenset({
@@ -45,8 +46,9 @@ def upstream_request_headers(
 
 
 def response_headers_for_client(headers: Iterable[tuple[str, str]], streamed: bool) -> list[tuple[str, str]]:
-    """Upstream response headers minus those that describe the upstream connection."""
-    dropped = HOP_BY_HOP | ({"content-length"} if streamed else set())
+    """Upstream response headers minus those that describe the upstream connection, and
+    minus Content-Encoding: the gateway decodes every body it passes on (encodings.py)."""
+    dropped = HOP_BY_HOP | {"content-encoding"} | ({"content-length"} if streamed else set())
     return [(k, v) for k, v in headers if k.lower() not in dropped]
 
 
@@ -84,6 +86,44 @@ class UpstreamError(Exception):
         self.timeout = timeout
 
 
+class BrokenBody(Exception):
+    """The upstream broke the HTTP framing of its body (e.g. invalid chunked encoding)."""
+
+
+# How long a silent body read waits before it checks whether the connection already failed.
+_BROKEN_CHECK = 0.25
+
+
+def body_failure(response: aiohttp.ClientResponse) -> str | None:
+    """Why the body of `response` can no longer arrive, or None. aiohttp (3.14) records a
+    framing error after the headers (invalid chunked encoding) on the connection but never
+    wakes a pending body read: without this check the read waits for its timeout, and a
+    stream's end reads as "upstream sent nothing"."""
+    protocol = getattr(response, "_protocol", None)
+    error = protocol.exception() if protocol is not None and hasattr(protocol, "exception") else None
+    if error is None or response.content.is_eof():
+        return None
+    message = getattr(error, "message", "") or str(error) or type(error).__name__
+    return " ".join(str(message).split("\n\n", 1)[0].split()).rstrip(":")[:120]
+
+
+async def read_chunk(response: aiohttp.ClientResponse, timeout: float | None) -> bytes:
+    """The next body bytes (b"" at the end), waiting at most `timeout` (TimeoutError), or
+    BrokenBody as soon as the connection failed under a pending read."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        step = _BROKEN_CHECK if deadline is None else min(_BROKEN_CHECK, max(0.0, deadline - loop.time()))
+        try:
+            async with asyncio.timeout(step):
+                return await response.content.readany()
+        except TimeoutError:
+            if problem := body_failure(response):
+                raise BrokenBody(problem) from None
+            if deadline is not None and loop.time() >= deadline:
+                raise
+
+
 class UpstreamClient:
     """One pooled aiohttp session on mitmproxy's event loop."""
 
@@ -118,6 +158,15 @@ class UpstreamClient:
             limit = timeouts.response_headers
             expired = f"no response headers within {limit:g}s" if limit is not None else ""
         session = self._ensure_session()
+        response = await self._post(session, channel, headers, body, limit, expired)
+        if problem := unsupported_encoding(response.headers.get("content-encoding")):
+            response.close()
+            raise UpstreamError(problem)
+        return response
+
+    @staticmethod
+    async def _post(session, channel: Channel, headers, body: bytes, limit, expired: str) -> aiohttp.ClientResponse:
+        timeouts = channel.timeouts
         try:
             async with asyncio.timeout(limit):
                 return await session.post(
@@ -144,22 +193,30 @@ class UpstreamClient:
             raise UpstreamError(f"invalid HTTP response: {complaint}") from None
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError(f"connection failed: {type(e).__name__}: {e}".rstrip(": ")) from None
+        except ValueError as e:
+            # aiohttp refuses e.g. credentials in base_url next to an Authorization header.
+            raise UpstreamError(f"cannot send the request: {e}") from None
 
     @staticmethod
     async def read_body(
         response: aiohttp.ClientResponse, timeout: float | None, limit: int,
         configured: float | None = None,
     ) -> bytes:
-        """The whole body (up to `limit` bytes), or UpstreamError. `configured`: the limit
-        to name when `timeout` is only what is left of it."""
+        """The whole body (up to `limit` bytes), decoded from its content encoding, or
+        UpstreamError. `configured`: the limit to name when `timeout` is only what is left
+        of it."""
         try:
             async with asyncio.timeout(timeout):
                 body = bytearray()
-                while chunk := await response.content.read(65536):
+                while chunk := await read_chunk(response, None):
                     body += chunk
                     if len(body) > limit:
                         raise UpstreamError(f"response body larger than {limit} bytes")
-                return bytes(body)
+            return decode_body(bytes(body), response.headers.get("content-encoding"), limit)
+        except DecodeError as e:
+            raise UpstreamError(str(e)) from None
+        except BrokenBody as e:
+            raise UpstreamError(f"upstream broke off the body: {e}") from None
         except TimeoutError:
             stated = timeout if configured is None else configured
             raise UpstreamError(f"response body not complete within {stated:g}s", timeout=True) from None

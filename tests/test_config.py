@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ccx_addon.config import ConfigError, expand_env, load_config, parse_config
+from ccx_addon.config import ConfigError, expand_env, load_config, parse_config, url_without_credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "sk-very-secret-123"
@@ -162,3 +162,29 @@ def test_shipped_configs_load():
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/ccx.yaml", {})
+
+
+def test_secrets_include_channel_header_values_and_base_url_credentials():
+    import base64
+
+    config = parse_config(textwrap.dedent("""\
+        proxy_access_keys: ["pk-0123456789"]
+        channels:
+          - name: a
+            base_url: https://tokenuser:p%40ss-word-123@api.example.com/v1
+            api_keys: ["sk-a"]
+            headers: {api-key: "azure-secret-1234", x-title: "My long app title", x-flag: "1", X-Custom-Org: "org-abcdefgh"}
+          - name: b
+            base_url: https://bare-token-abcdef@api.example.com/v1
+            api_keys: ["sk-b"]
+    """), environ={})
+    basic = base64.b64encode(b"tokenuser:p@ss-word-123").decode()
+    assert set(config.secrets) == {
+        "pk-0123456789", "sk-a", "sk-b", "azure-secret-1234", "org-abcdefgh",
+        "p%40ss-word-123", "p@ss-word-123", basic,
+        "bare-token-abcdef", base64.b64encode(b"bare-token-abcdef:").decode(),
+    }
+    # Longest first, so a secret containing another is masked whole.
+    assert [len(s) for s in config.secrets] == sorted((len(s) for s in config.secrets), reverse=True)
+    assert url_without_credentials("https://u:p@h:1/v1") == "https://[ccx: redacted]@h:1/v1"
+    assert url_without_credentials("https://h/v1") == "https://h/v1"

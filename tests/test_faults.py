@@ -309,7 +309,9 @@ def test_every_circuit_open_gets_503_at_once(gateway, upstreams):
 
 MID_STREAM = {
     "reset": ([("reset",)], "", "upstream connection broke mid-stream"),
-    "close without the last chunk": ([("close",)], "", "upstream connection broke mid-stream"),
+    # aiohttp either raises at once or records the broken body for the gateway's check to
+    # find (upstream.read_chunk): either wording says the upstream broke off.
+    "close without the last chunk": ([("close",)], "", "upstream connection broke mid-stream|upstream broke off the stream"),
     "idle": ([("hang",)], "timeouts: {idle: 0.4}", "upstream sent nothing for 0.4s"),
 }
 
@@ -333,13 +335,14 @@ def test_mid_stream_failure_ends_with_an_error_event(gateway, upstreams, fault):
     assert streamed_text(payloads) == "partial"
     final = payloads[-1]
     assert final["error"]["code"] == "stream_interrupted"
-    assert failure in final["error"]["message"] and "incomplete" in final["error"]["message"]
+    assert any(f in final["error"]["message"] for f in failure.split("|")) and "incomplete" in final["error"]["message"]
     assert "[DONE]" not in r.text and r.text.endswith("\n\n")
     assert second.received == []  # bytes had reached the client: no failover
 
     [flow] = chat_flows(gw, 1)
-    assert flow.metadata["ccx"]["stream_failure"].startswith(failure)
-    assert f"stream ended early: {failure}" in flow.comment
+    said = next(f for f in failure.split("|") if f in final["error"]["message"])
+    assert flow.metadata["ccx"]["stream_failure"].startswith(said)
+    assert f"stream ended early: {said}" in flow.comment
     assert flow.marked == ":red_circle:"
     assert b"stream_interrupted" in flow.response.content
 

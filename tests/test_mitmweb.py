@@ -4,53 +4,21 @@ is on, streamed bodies are readable, the `ccx.explain` command answers, and no p
 upstream key appears anywhere mitmweb can show."""
 
 import json
-import time
 
 import httpx
 import openai
 import pytest
-from mitmproxy.version import VERSION
 
 from conftest import PROXY_KEY, UPSTREAM_KEYS, channel, config
 from fakeupstream import json_answer
-from gateway_process import start_gateway
-from harness import free_port
+from webapi import WebApi, start_mitmweb
 
-# mitmweb 11.1.2+ asks for a token; `web_password` sets it and the API takes it as a Bearer.
-NEEDS_PASSWORD = int(VERSION.split(".")[0]) >= 12
-WEB_PASSWORD = "web-ui-password-for-tests"
 SECRETS = (PROXY_KEY, *UPSTREAM_KEYS)
 
 
 def leaky(received):
     """An upstream that quotes the key it was sent in its error, as some do."""
     return json_answer(503, {"error": {"message": f"bad key {received.headers['authorization']}", "type": "x", "param": None, "code": None}})
-
-
-class WebApi:
-    def __init__(self, port: int) -> None:
-        headers = {"authorization": f"Bearer {WEB_PASSWORD}"} if NEEDS_PASSWORD else {}
-        # mitmweb's POST routes check tornado's XSRF token: cookie and header must agree.
-        xsrf = "ccx-test-xsrf-token"
-        cookies = {"_xsrf": xsrf, "_mitmproxy_xsrf": xsrf}
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={**headers, "x-xsrftoken": xsrf},
-                                   cookies=cookies, timeout=10)
-
-    def get(self, path: str) -> httpx.Response:
-        response = self.client.get(path)
-        assert response.status_code == 200, (path, response.status_code, response.text[:300])
-        return response
-
-    def wait_until_up(self, timeout: float = 20) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                if self.client.get("/flows").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("mitmweb's web server did not come up")
 
 
 @pytest.fixture
@@ -60,18 +28,12 @@ def mitmweb(upstreams, write_config, tmp_path):
         channel("leaky", leaky_up.url + "/v1", keys=(UPSTREAM_KEYS[0],)),
         channel("good", good.url + "/v1", keys=(UPSTREAM_KEYS[1], UPSTREAM_KEYS[2]), extra="model_mapping: {gpt: good-model}"),
     ))
-    web_port = free_port()
-    args = ["--set", "web_open_browser=false", "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1"]
-    if NEEDS_PASSWORD:
-        args += ["--set", f"web_password={WEB_PASSWORD}"]
-    gw = start_gateway(cfg, tmp_path, *args, tool="mitmweb")
-    api = WebApi(web_port)
+    gw, api = start_mitmweb(cfg, tmp_path)
     try:
-        api.wait_until_up()
         yield gw, api
     finally:
         gw.stop()
-        api.client.close()
+        api.close()
 
 
 def test_mitmweb_shows_the_flow_log_without_any_key(mitmweb):
@@ -134,3 +96,29 @@ def test_ccx_explain_command_in_mitmweb(mitmweb):
     assert "http://127.0.0.1:" in text
     for secret in SECRETS:
         assert secret not in text
+
+
+def test_mitmweb_api_refuses_requests_without_the_token(mitmweb):
+    """On mitmproxy 11.0 (no web authentication of its own) the addon's check; on 12,
+    mitmweb's: either way nothing is readable or runnable without the token."""
+    gw, api = mitmweb
+    httpx.post(gw.url + "/v1/chat/completions", json={"model": "gpt-5", "messages": []},
+               headers={"authorization": f"Bearer {PROXY_KEY}"}, timeout=10)
+    assert api.get("/flows").json()  # with the token: the flow is there
+    for token in (None, "wrong-token"):
+        anonymous = WebApi(int(api.base_url.rsplit(":", 1)[1]), token=token)
+        try:
+            for path in ("/", "/flows", "/flows/dump", "/events", "/options", "/updates"):
+                assert anonymous.client.get(path).status_code in (401, 403), path
+            # The attack of issue 9: write every flow to a file of the caller's choosing.
+            saved = anonymous.client.post("/commands/save.file", json={"arguments": ["@all", "/tmp/ccx-stolen"]})
+            assert saved.status_code in (401, 403)
+        finally:
+            anonymous.close()
+    # The browser way: ?token= once, then a cookie.
+    browser = httpx.Client(base_url=api.base_url, timeout=10)
+    try:
+        assert browser.get("/", params={"token": "web-ui-password-for-tests"}).status_code == 200
+        assert browser.get("/flows").status_code == 200
+    finally:
+        browser.close()
