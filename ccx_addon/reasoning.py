@@ -9,9 +9,12 @@ hash of the answer's text. Bounded by entries, bytes and age. Pure: no I/O, no f
 import collections
 import hashlib
 import json
+import logging
 import time
 
 from .fixes import text_of
+
+logger = logging.getLogger(__name__)
 
 MAX_ENTRIES = 10_000
 MAX_BYTES = 32 * 1024 * 1024
@@ -27,13 +30,17 @@ def text_key(text: str) -> str:
 def message_keys(message: dict) -> list[str]:
     """The keys an assistant message (as a client sends it back) is looked up under."""
     keys = []
-    for call in message.get("tool_calls") or ():
+    for call in _list(message.get("tool_calls")):
         if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"]:
             keys.append("call:" + call["id"])
     text = text_of(message.get("content"))
     if text and text.strip():
         keys.append(text_key(text))
     return keys
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
 
 
 class ReasoningCache:
@@ -104,14 +111,14 @@ class AnswerReasoning:
             if isinstance(value, str) and value and self.size + len(value) <= 2 * MAX_ANSWER_BYTES:
                 parts.append(value)
                 self.size += len(value)
-        for call in part.get("tool_calls") or ():
+        for call in _list(part.get("tool_calls")):
             if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"] and len(self.call_ids) < 128:
                 self.call_ids.append(call["id"])
 
     def add_choices(self, payload: object) -> None:
         if not isinstance(payload, dict):
             return
-        for choice in payload.get("choices") or ():
+        for choice in _list(payload.get("choices")):
             if isinstance(choice, dict) and choice.get("index", 0) == 0:
                 part = choice.get("message") or choice.get("delta")
                 if isinstance(part, dict):
@@ -160,15 +167,24 @@ class ReasoningObserver:
     def __init__(self, cache: ReasoningCache, channel: str) -> None:
         self.cache = cache
         self.channel = channel
-        self.answer = AnswerReasoning()
+        self.answer: AnswerReasoning | None = AnswerReasoning()
         self.partial = b""
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.answer is not None:
+            try:
+                self._observe(chunk)
+            except Exception:  # a bug here must never cost the client its stream
+                logger.exception("reasoning capture failed; this answer's reasoning is not kept")
+                self.answer = None
+        return chunk
+
+    def _observe(self, chunk: bytes) -> None:
         data = self.partial + chunk if self.partial else chunk
         end = data.rfind(b"\n")
         if end == -1:
             self.partial = data if len(data) <= MAX_ANSWER_BYTES else b""
-            return chunk
+            return
         self.partial = data[end + 1:]
         if b"reasoning_content" in data or self.answer.reasoning:
             for line in data[:end].split(b"\n"):
@@ -178,11 +194,14 @@ class ReasoningObserver:
             for line in data[:end].split(b"\n"):
                 if b"tool_calls" in line or b'"content"' in line:
                     _add_event_line(self.answer, line)
-        return chunk
 
     def end(self) -> bytes:
-        if self.partial:
-            _add_event_line(self.answer, self.partial)
-            self.partial = b""
-        self.answer.store(self.cache, self.channel)
+        if self.answer is not None:
+            try:
+                if self.partial:
+                    _add_event_line(self.answer, self.partial)
+                self.answer.store(self.cache, self.channel)
+            except Exception:
+                logger.exception("reasoning capture failed; this answer's reasoning is not kept")
+        self.partial = b""
         return b""
