@@ -436,9 +436,10 @@ _MISSING = object()
 
 
 def _short(value: Any) -> str:
+    """A value as a label shows it: short (a client's string may be long)."""
     value = thaw(value)
     if isinstance(value, str):
-        return value
+        return value if len(value) <= 24 else value[:23] + "…"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, (dict, list)):

@@ -456,3 +456,9 @@ def test_no_client_body_makes_a_fix_fail(body, preset):
     assert observer.feed(b"data: " + json.dumps({"choices": body.get("messages")}).encode() + b"\n\n") is not None
     observer.end()
     capture_completion(cache, "c", json.dumps({"choices": [{"message": body.get("messages")}, body.get("tools")]}).encode())
+
+
+def test_labels_stay_short_whatever_the_client_sent():
+    data = {"tool_choice": "x" * 5000}
+    [label] = fixes.map_values(data, (("tool_choice", (("*", "auto"),)),))
+    assert label == "tool_choice " + "x" * 23 + "…→auto"
