@@ -71,12 +71,12 @@ def describe_mapping(model: str, verdict: ChannelVerdict) -> str:
 def fixes_lines(verdict: ChannelVerdict) -> list[str]:
     """The request fixes the channel applies to the upstream model, one per line."""
     channel = verdict.channel
-    spec = fixes_for(channel, verdict.upstream_model)
-    if spec is None:
+    if not channel.preset and not channel.fixes:
         return []
     source = " + ".join(filter(None, [f"preset {channel.preset}" if channel.preset else "",
                                       "channel fixes" if channel.fixes else ""]))
-    described = describe_fixes(spec)
+    spec = fixes_for(channel, verdict.upstream_model)
+    described = describe_fixes(spec) if spec is not None else []
     if not described:
         return [f"fixes ({source}): none for {verdict.upstream_model}"]
     return [f"fixes ({source}):"] + [f"  - {line}" for line in described]

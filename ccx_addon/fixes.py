@@ -198,17 +198,24 @@ def map_values(data: dict, maps: tuple[tuple[str, Pairs], ...]) -> list[str]:
 # --- message fixes --------------------------------------------------------------------------
 
 
+def _note(changed: set | None, message: dict) -> None:
+    """Record a message changed in place (by id: the body builder re-serializes only those)."""
+    if changed is not None:
+        changed.add(id(message))
+
+
 def _messages(data: dict) -> list:
     messages = data.get("messages")
     return messages if isinstance(messages, list) else []
 
 
-def map_roles(data: dict, roles: Pairs) -> list[str]:
+def map_roles(data: dict, roles: Pairs, changed: set | None = None) -> list[str]:
     table = dict(roles)
     counts: dict[tuple[str, str], int] = {}
     for message in _messages(data):
         if isinstance(message, dict) and isinstance(role := message.get("role"), str) and role in table:
             message["role"] = table[role]
+            _note(changed, message)
             counts[(role, table[role])] = counts.get((role, table[role]), 0) + 1
     return [f"role {a}→{b}" + (f"×{n}" if n > 1 else "") for (a, b), n in counts.items()]
 
@@ -257,7 +264,7 @@ def ensure_user_turn(data: dict, enabled: bool) -> list[str]:
     return ["+user turn"]
 
 
-def flatten_content(data: dict, roles: tuple[str, ...]) -> list[str]:
+def flatten_content(data: dict, roles: tuple[str, ...], changed: set | None = None) -> list[str]:
     """Text-only content arrays of these roles become strings (GLM drops them silently)."""
     count = 0
     for message in _messages(data):
@@ -265,6 +272,7 @@ def flatten_content(data: dict, roles: tuple[str, ...]) -> list[str]:
             text = text_of(message["content"])
             if text is not None:
                 message["content"] = text
+                _note(changed, message)
                 count += 1
     return [f"flattened content×{count}"] if count else []
 
@@ -324,7 +332,9 @@ def has_image_parts(data: dict) -> bool:
 Recall = Callable[[dict], str | None]
 
 
-def restore_reasoning(data: dict, scope: str, placeholder: str | None, recall: Recall | None) -> list[str]:
+def restore_reasoning(
+    data: dict, scope: str, placeholder: str | None, recall: Recall | None, changed: set | None = None,
+) -> list[str]:
     """Put `reasoning_content` on assistant messages that lack it (an absent, null or empty
     field): the text the gateway saw (`recall`), else `placeholder` (None: leave it out).
     A non-empty value the client sent is never touched. `scope`: "all" assistant
@@ -340,9 +350,11 @@ def restore_reasoning(data: dict, scope: str, placeholder: str | None, recall: R
         text = recall(message) if recall is not None else None
         if text:
             message["reasoning_content"] = text
+            _note(changed, message)
             restored += 1
         elif placeholder is not None:
             message["reasoning_content"] = placeholder
+            _note(changed, message)
             placeheld += 1
     total = restored + placeheld
     if not total:
@@ -357,15 +369,15 @@ def apply_fixes(data: dict, spec: FixSpec, recall: Recall | None = None, touched
     """Every fix `spec` asks for, in a fixed order: messages first (roles before merging
     system messages), then parameters (rename before drop, so a renamed parameter is
     judged by its new name; set last), then tools and formats, then reasoning.
-    `touched` gets "messages" / "tools" when those were changed in place (other
-    parameters are replaced, not changed in place)."""
+    `touched` gets "tools" when the tools were changed in place and the id() of each
+    message changed in place (other parameters are replaced, not changed in place)."""
     messages: list[str] = []
     if spec.role_map:
-        messages += map_roles(data, spec.role_map)
+        messages += map_roles(data, spec.role_map, touched)
     messages += merge_system_messages(data, bool(spec.merge_system_messages))
     messages += ensure_user_turn(data, bool(spec.ensure_user_turn))
     if spec.flatten_content:
-        messages += flatten_content(data, spec.flatten_content)
+        messages += flatten_content(data, spec.flatten_content, touched)
     params = rename_params(data, spec.rename_params)
     params += drop_params(data, spec.drop_params)
     params += drop_unless(data, spec.drop_unless)
@@ -376,10 +388,9 @@ def apply_fixes(data: dict, spec: FixSpec, recall: Recall | None = None, touched
     tools = function_tools_only(data, bool(spec.function_tools_only))
     tools += tool_parameters(data, bool(spec.tool_parameters))
     params += json_schema_to_json_object(data, bool(spec.json_schema_to_json_object))
-    reasoning = restore_reasoning(data, spec.passback, spec.reasoning_placeholder, recall) if spec.passback else []
-    if touched is not None:
-        touched.update(["messages"] if messages or reasoning else [])
-        touched.update(["tools"] if tools else [])
+    reasoning = restore_reasoning(data, spec.passback, spec.reasoning_placeholder, recall, touched) if spec.passback else []
+    if touched is not None and tools:
+        touched.add("tools")
     return messages + params + tools + reasoning
 
 
@@ -425,9 +436,10 @@ _MISSING = object()
 
 
 def _short(value: Any) -> str:
+    """A value as a label shows it: short (a client's string may be long)."""
     value = thaw(value)
     if isinstance(value, str):
-        return value
+        return value if len(value) <= 24 else value[:23] + "…"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, (dict, list)):

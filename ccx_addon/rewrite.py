@@ -79,8 +79,12 @@ def _members(raw: bytes) -> tuple[str, list | None]:
         at = _WHITESPACE.match(text, at).end()
         if text[at:at + 1] != ":":
             return text, None
+        at = _WHITESPACE.match(text, at + 1).end()
         try:
-            value, at = _DECODER.raw_decode(text, _WHITESPACE.match(text, at + 1).end())
+            if key == "messages" and text[at:at + 1] == "[":
+                value, at = _elements(text, at)
+            else:
+                value, at = _DECODER.raw_decode(text, at)
         except ValueError:
             return text, None
         members.append((key, value, start, at))
@@ -93,21 +97,64 @@ def _members(raw: bytes) -> tuple[str, list | None]:
     return text, members
 
 
-def _splice(text: str, members: list, data: dict, touched: set[str]) -> str:
-    """`data` as JSON, copying the client's own text for every member no fix changed
-    (re-serializing the ~20 KB of tools an agent sends costs more than all the fixes)."""
+class _Elements(list):
+    """A JSON array as parsed, and where each element's text is: (start, end) by id()."""
+
+    spans: dict
+
+
+def _elements(text: str, at: int) -> tuple[list, int]:
+    array = _Elements()
+    array.spans = {}
+    at = _WHITESPACE.match(text, at + 1).end()
+    if text[at:at + 1] == "]":
+        return array, at + 1
+    while True:
+        start = at
+        value, at = _DECODER.raw_decode(text, at)
+        array.append(value)
+        array.spans[id(value)] = (start, at)
+        at = _WHITESPACE.match(text, at).end()
+        if text[at:at + 1] == "]":
+            return array, at + 1
+        if text[at:at + 1] != ",":
+            raise ValueError("not a JSON array")
+        at = _WHITESPACE.match(text, at + 1).end()
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _splice(text: str, members: list, data: dict, touched: set) -> str:
+    """`data` as JSON, copying the client's own text for every member (and message) no fix
+    changed: re-serializing the ~20 KB of tools and ~10 KB system prompt an agent sends
+    costs more than all the fixes together."""
     parts = []
     for key, value, start, end in members:
         if key not in data:
             continue
-        if key in touched or data[key] is not value:
-            parts.append(json.dumps(key, ensure_ascii=False) + ":" + json.dumps(data[key], ensure_ascii=False))
+        new = data[key]
+        if isinstance(value, _Elements) and isinstance(new, list):
+            spans = value.spans
+            # Messages the fixes kept as they were keep their text; new or changed ones
+            # (merged, added, given reasoning) are written anew.
+            items = (text[slice(*spans[id(m)])] if id(m) in spans and id(m) not in touched else _dumps(m) for m in new)
+            parts.append(text[start:value_start(text, start)] + "[" + ",".join(items) + "]")
+        elif key in touched or new is not value:
+            parts.append(_dumps(key) + ":" + _dumps(new))
         else:
             parts.append(text[start:end])
     written = {m[0] for m in members}
-    parts += [json.dumps(k, ensure_ascii=False) + ":" + json.dumps(v, ensure_ascii=False)
-              for k, v in data.items() if k not in written]
+    parts += [_dumps(k) + ":" + _dumps(v) for k, v in data.items() if k not in written]
     return "{" + ",".join(parts) + "}"
+
+
+def value_start(text: str, member_start: int) -> int:
+    """Where the value of the member whose key starts at `member_start` begins."""
+    _, at = scanstring(text, member_start + 1)
+    at = _WHITESPACE.match(text, at).end()
+    return _WHITESPACE.match(text, at + 1).end()
 
 
 def has_images(request: ChatRequest) -> bool:

@@ -411,7 +411,7 @@ _params = st.fixed_dictionaries({}, optional={
 
 
 @settings(max_examples=300, deadline=None)
-@given(params=_params, extra=st.dictionaries(st.text(max_size=6), _values, max_size=3),
+@given(params=_params, extra=st.dictionaries(st.text(max_size=6).filter(lambda k: k not in ("model", "stream")), _values, max_size=3),
        preset=st.sampled_from(["openai", "deepseek", "glm", "minimax", "kimi"]),
        model=st.sampled_from(["gpt-5", "deepseek-chat", "glm-4.6", "MiniMax-M2", "kimi-k2.5", "other"]),
        indent=st.sampled_from([None, 1]), ascii_only=st.booleans())
@@ -446,9 +446,19 @@ def test_no_client_body_makes_a_fix_fail(body, preset):
     model = {"openai": "gpt-5", "deepseek": "deepseek-chat", "glm": "glm-4.6", "minimax": "m", "kimi": "kimi-k2.5"}[preset]
     raw = json.dumps({"model": "client", **body}).encode()
     route = routes_for(CHANNEL + f"    preset: {preset}\n    model_mapping: {{client: {model}}}\n", "client").routes[0]
-    sent, _ = attempt_body(raw, parse_chat_request(raw), route, cache)
-    assert json.loads(sent)["model"] == model
+    sent, labels = attempt_body(raw, parse_chat_request(raw), route, cache)
+    expected = json.loads(raw)
+    spec = fixes_for(route.channel, model)
+    assert list(labels) == (apply_fixes(expected, spec, lambda m: cache.recall("c", m)) if spec else [])
+    expected["model"] = model
+    assert json.loads(sent) == expected
     observer = ReasoningObserver(cache, "c")
     assert observer.feed(b"data: " + json.dumps({"choices": body.get("messages")}).encode() + b"\n\n") is not None
     observer.end()
     capture_completion(cache, "c", json.dumps({"choices": [{"message": body.get("messages")}, body.get("tools")]}).encode())
+
+
+def test_labels_stay_short_whatever_the_client_sent():
+    data = {"tool_choice": "x" * 5000}
+    [label] = fixes.map_values(data, (("tool_choice", (("*", "auto"),)),))
+    assert label == "tool_choice " + "x" * 23 + "…→auto"
