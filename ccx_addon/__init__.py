@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 
 def make_addons() -> list:
-    """The gateway's addons, in hook order, sharing one state."""
+    """The gateway's addons, in hook order, sharing one state. Every request-path hook is
+    wrapped to fail closed (guard.py): add new addons to this list and they are covered."""
     from .access import AccessGate
     from .backstop import UnhandledRequestGuard
     from .configstore import ConfigStore
@@ -13,12 +14,15 @@ def make_addons() -> list:
     from .flowlist import CommentColumn, FlowLimit
     from .flowview import FlowView
     from .gateway import ChatGateway
+    from .guard import guard_hooks
     from .modes import ReverseModeDefaults
+    from .protocolerrors import ProtocolErrors
     from .state import GatewayState
 
     state = GatewayState()
-    return [
+    return guard_hooks([
         ReverseModeDefaults(),
+        ProtocolErrors(),
         ConfigStore(state),
         AccessGate(state),
         ChatGateway(state),
@@ -27,4 +31,4 @@ def make_addons() -> list:
         FlowLimit(),
         Explain(state),
         UnhandledRequestGuard(state),  # last: answers what the others left unanswered
-    ]
+    ], state)

@@ -67,9 +67,17 @@ class PendingStream:
     expiry: asyncio.TimerHandle | None = None
 
 
+@dataclasses.dataclass
+class CannedAnswer:
+    """A whole HTTP response, for a request refused from its headers alone (access.py)."""
+
+    raw: bytes
+    expiry: asyncio.TimerHandle | None = None
+
+
 class HandoverServer:
     def __init__(self) -> None:
-        self.pending: dict[str, PendingStream] = {}
+        self.pending: dict[str, PendingStream | CannedAnswer] = {}
         self._server: asyncio.Server | None = None
         self.port = 0
         self._pumps: set[asyncio.Task] = set()
@@ -90,19 +98,24 @@ class HandoverServer:
         for task in list(self._pumps):
             task.cancel()
 
-    def register(self, stream: PendingStream) -> str:
+    def register(self, stream: "PendingStream | CannedAnswer") -> str:
         token = secrets.token_urlsafe(18)
         self.pending[token] = stream
         stream.expiry = asyncio.get_running_loop().call_later(UNCLAIMED_TTL, self._expire, token)
         return token
+
+    def register_answer(self, raw: bytes) -> str:
+        """Serve `raw` to the request that brings the returned token, without reading its body."""
+        return self.register(CannedAnswer(raw))
 
     def _expire(self, token: str) -> None:
         stream = self.pending.pop(token, None)
         if stream is not None:
             if stream.expiry:
                 stream.expiry.cancel()
-            stream.response.close()
-            stream.on_end("not collected: the client left before the stream started")
+            if isinstance(stream, PendingStream):
+                stream.response.close()
+                stream.on_end("not collected: the client left before the stream started")
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -129,9 +142,14 @@ class HandoverServer:
         except asyncio.IncompleteReadError:
             return None
         token, length = _parse_head(head)
+        stream = self.pending.pop(token, None) if token else None
+        if isinstance(stream, CannedAnswer):
+            # mitmproxy streams the body of such a request away: nothing of it comes here.
+            stream.expiry.cancel()
+            writer.write(stream.raw)
+            return b""
         if length:
             await reader.readexactly(length)  # the body already went upstream
-        stream = self.pending.pop(token, None) if token else None
         if stream is None:
             writer.write(
                 b"HTTP/1.1 410 Gone\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n"
