@@ -10,6 +10,7 @@ def make_addons() -> list:
     from .access import AccessGate
     from .backstop import UnhandledRequestGuard
     from .configstore import ConfigStore
+    from .deadlines import ClientDeadlines
     from .explain import Explain
     from .flowlist import CommentColumn, FlowLimit
     from .flowview import FlowView
@@ -23,6 +24,7 @@ def make_addons() -> list:
     return guard_hooks([
         ReverseModeDefaults(),
         ProtocolErrors(),
+        ClientDeadlines(),
         ConfigStore(state),
         AccessGate(state),
         ChatGateway(state),

@@ -172,6 +172,10 @@ class HandoverServer:
         # read result here means it closed it: the client went away.
         client_gone = asyncio.ensure_future(reader.read(1))
         pump = asyncio.ensure_future(self._pump_body(stream, writer))
+        # A client that leaves mid-stream resets this connection: the read then fails too.
+        # Expected, so retrieved here (else asyncio logs "Unhandled error in task" for each).
+        client_gone.add_done_callback(_retrieve)
+        pump.add_done_callback(_retrieve)
         try:
             await asyncio.wait((pump, client_gone), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -245,6 +249,11 @@ class HandoverServer:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         stream.on_end(failure)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _framed(headers) -> bool:
