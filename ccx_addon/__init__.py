@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 def make_addons() -> list:
     """The gateway's addons, in hook order, sharing one state. Every request-path hook is
     wrapped to fail closed (guard.py): add new addons to this list and they are covered."""
-    from .access import AccessGate
+    from .access import AccessGate, EarlyAnswers
     from .backstop import UnhandledRequestGuard
     from .configstore import ConfigStore
     from .deadlines import ClientDeadlines
@@ -32,5 +32,6 @@ def make_addons() -> list:
         CommentColumn(),
         FlowLimit(),
         Explain(state),
+        EarlyAnswers(state),  # after every other requestheaders hook
         UnhandledRequestGuard(state),  # last: answers what the others left unanswered
     ], state)

@@ -165,10 +165,10 @@ class AccessGate:
         if record is None or flow.response is None:
             return
         if record.answered_early:
-            # Show where the client sent it, not the hand-over that answered.
-            scheme, host, port = record.answered_early
+            # Show what the client sent and where, not what went to the hand-over.
+            scheme, host, port, fields = record.answered_early
             flow.request.scheme, flow.request.host, flow.request.port = scheme, host, port
-            flow.request.headers.pop(TOKEN_HEADER, None)
+            flow.request.headers.fields = fields
         response_headers = flow.response.headers
         if flow.request.http_version == "HTTP/1.0" and "transfer-encoding" in response_headers:
             # An HTTP/1.0 client knows no chunked encoding: the body ends when the connection does.
@@ -187,20 +187,13 @@ class AccessGate:
 
     def refuse(self, flow: http.HTTPFlow, record: FlowRecord, refusal: RequestRefused,
                headers: dict[str, str] | None = None) -> None:
-        """Answer from the headers alone. With a body still to come, the answer is served by
-        the hand-over server while mitmproxy reads the body and drops it: an unauthenticated
-        300 MB POST is neither buffered nor waited for (mitmproxy sends a response set here
-        only once it has read the whole body)."""
+        """Answer from the headers alone. With a body still to come, EarlyAnswers sends the
+        answer without waiting for the body (mitmproxy sends a response set here only once
+        it has read the whole body: an unauthenticated 300 MB POST was read whole)."""
         reject(flow, record, refusal.status, refusal.message, refusal.code, refusal.param, headers)
         handover = self.state.handover
-        if not body_follows(flow.request) or handover is None or not handover.port:
-            return
-        token = handover.register_answer(http1.assemble_response(flow.response))
-        flow.response = None
-        record.answered_early = (flow.request.scheme, flow.request.host, flow.request.port)
-        flow.request.stream = drop_body
-        flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", handover.port
-        flow.request.headers[TOKEN_HEADER] = token
+        if body_follows(flow.request) and handover is not None and handover.port:
+            record.answered_early = (flow.request.scheme, flow.request.host, flow.request.port, flow.request.headers.fields)
 
     def too_large(self) -> RequestRefused:
         return RequestRefused(
@@ -253,6 +246,28 @@ def reject(flow: http.HTTPFlow, record: FlowRecord, status: int, message: str, c
     """Answer the request from the gateway with an OpenAI-shaped `invalid_request_error`."""
     record.rejected = code
     flow.response = error_response(status, message, "invalid_request_error", code, param, headers)
+
+
+class EarlyAnswers:
+    """Sends the answers AccessGate decided from the headers of a request whose body is still
+    to come, without reading that body into memory: the answer is served by the loopback
+    hand-over server while mitmproxy streams the body away (`drop_body`). Runs after every
+    other `requestheaders` hook, so the flow view has copied the client's request by then."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        record = self.state.records.get(flow)
+        if record is None or not record.answered_early or flow.response is None:
+            return
+        handover = self.state.handover
+        token = handover.register_answer(http1.assemble_response(flow.response))
+        flow.response = None
+        flow.request.stream = drop_body
+        flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", handover.port
+        # The hand-over needs the token only: the client's headers may be many (a 431).
+        flow.request.headers = http.Headers([(TOKEN_HEADER.encode(), token.encode()), (b"content-length", b"0")])
 
 
 def drop_body(chunk: bytes) -> list[bytes]:

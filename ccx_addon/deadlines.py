@@ -32,12 +32,12 @@ class ClientDeadlines:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "ccx_header_timeout", float, 60.0,
+            "ccx_header_timeout", int, 60,
             "ccx-addon: seconds a client connection may take to send a request's headers, "
             "counted from when it opened or its previous answer ended; then it is closed. 0: no limit.",
         )
         loader.add_option(
-            "ccx_body_timeout", float, 300.0,
+            "ccx_body_timeout", int, 300,
             "ccx-addon: seconds a client may take to send a request body after its headers; "
             "then it gets 408 and the connection is closed. 0: no limit.",
         )

@@ -33,8 +33,8 @@ class FlowRecord:
     client_request: dict = dataclasses.field(default_factory=dict)
     session: str = ""  # a short label of the client's session id (not a secret)
     # Refused from the headers alone: the answer comes from the hand-over server while
-    # mitmproxy drops the body (access.py, `refuse`). Holds the flow's original (scheme,
-    # host, port); later hooks leave such a flow alone.
+    # mitmproxy drops the body (access.py, EarlyAnswers). Holds the flow's original (scheme,
+    # host, port, header fields), shown again once answered; later hooks leave it alone.
     answered_early: tuple = ()
     close_connection: bool = False  # the client asked for it (or speaks HTTP/1.0)
 

@@ -163,9 +163,10 @@ class SubprocessGateway:
 
     def __init__(self, config_path: Path, workdir: Path, *args: str, tool: str = "mitmdump",
                  env: dict[str, str] | None = None, argv: list[str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, script=None) -> None:
         """`argv` replaces the default command line (then pass the `port` it listens on)."""
         self.argv = argv
+        self.script = script or ADDON
         self.config_path = config_path
         self.workdir = workdir
         self.args = list(args)
@@ -183,7 +184,7 @@ class SubprocessGateway:
         if self.argv is not None:
             return self.argv
         return [
-            str(BIN / self.tool), "-s", str(ADDON),
+            str(BIN / self.tool), "-s", str(self.script),
             "--set", f"ccx_listen=127.0.0.1:{self.port}",
             "--set", f"ccx_config={self.config_path}",
             *self.args,
