@@ -169,6 +169,7 @@ class AccessGate:
             scheme, host, port, fields = record.answered_early
             flow.request.scheme, flow.request.host, flow.request.port = scheme, host, port
             flow.request.headers.fields = fields
+            flow.request.raw_content = b""  # dropped unread; None would break mitmweb's view
         response_headers = flow.response.headers
         if flow.request.http_version == "HTTP/1.0" and "transfer-encoding" in response_headers:
             # An HTTP/1.0 client knows no chunked encoding: the body ends when the connection does.
