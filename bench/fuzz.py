@@ -39,7 +39,9 @@ def main() -> int:
         config = Path(tmp) / "ccx.yaml"
         config.write_text(rawfuzz.gateway_config(upstream.url))
         script = (args.source / "ccx_addon" / "addon.py") if args.source else None
-        gw = start_gateway(config, Path(tmp), *rawfuzz.FUZZ_OPTIONS, reverse_target=target.url, script=script)
+        # addon.py imports the installed package first: put the other checkout before it.
+        env = {"PYTHONPATH": str(args.source)} if args.source else None
+        gw = start_gateway(config, Path(tmp), *rawfuzz.FUZZ_OPTIONS, reverse_target=target.url, script=script, env=env)
         started = time.monotonic()
         try:
             figures = rawfuzz.run(gw.port, rawfuzz.make_cases(args.seed, args.cases, args.most_headers))

@@ -44,7 +44,9 @@ class Gateway:
         config = tmp / f"ccx-{time.monotonic_ns()}.yaml"
         config.write_text(rawfuzz.gateway_config(self.upstream.url))
         script = source / "ccx_addon" / "addon.py" if source else None
-        self.gw = start_gateway(config, tmp, script=script)
+        # addon.py imports the installed package first: put the other checkout before it.
+        env = {"PYTHONPATH": str(source)} if source else None
+        self.gw = start_gateway(config, tmp, script=script, env=env)
 
     def __enter__(self):
         return self

@@ -22,7 +22,7 @@ PROXY_KEY = "pk-fuzz-proxy-key-81c2"
 UPSTREAM_KEY = "sk-fuzz-upstream-key-77d1"
 CHAT = b"/v1/chat/completions"
 # The fuzzed gateway runs with small limits, so oversized cases stay cheap.
-FUZZ_OPTIONS = ("--set", "ccx_max_body_size=256k", "--set", "ccx_max_header_count=100")
+FUZZ_OPTIONS = ("--set", "ccx_max_body_size=256k")
 BODY_LIMIT = 256 * 1024
 LOG_PROBLEMS = ("Traceback", "Addon error", "Unhandled error", "Logging error")
 

@@ -50,8 +50,7 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def gateway_setup(tmp_path_factory):
-    setup = Setup(tmp_path_factory.mktemp("hardening"), *rawfuzz.FUZZ_OPTIONS,
-                  "--set", "ccx_header_timeout=2", "--set", "ccx_body_timeout=2")
+    setup = Setup(tmp_path_factory.mktemp("hardening"), *rawfuzz.FUZZ_OPTIONS)
     yield setup
     setup.stop()
 
@@ -186,14 +185,19 @@ def test_gzip_bomb_is_cut_at_the_body_limit(gw):
     assert gw.rss_peak_kb() - before < 20 * 1024
 
 
-def test_slow_clients_are_not_held(gw):
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=15) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")  # headers never finish
-        assert sock.recv(100) == b""  # closed (ccx_header_timeout=2), not held for 600 s
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=15) as sock:
-        sock.sendall(b"\r\n".join(head() + [b"content-length: 1000"]) + b"\r\n\r\n{")  # body never finishes
-        answer = read_one_answer(sock)
-        assert answer.startswith(b"HTTP/1.1 408 ") and b"ccx_body_timeout" in answer
+def test_slow_clients_are_not_held(tmp_path):
+    setup = Setup(tmp_path, "--set", "ccx_header_timeout=2", "--set", "ccx_body_timeout=2")
+    try:
+        with socket.create_connection(("127.0.0.1", setup.port), timeout=15) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")  # headers never finish
+            assert sock.recv(100) == b""  # closed (ccx_header_timeout=2), not held for 600 s
+        with socket.create_connection(("127.0.0.1", setup.port), timeout=15) as sock:
+            sock.sendall(b"\r\n".join(head() + [b"content-length: 1000"]) + b"\r\n\r\n{")  # body never finishes
+            answer = read_one_answer(sock)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"ccx_body_timeout" in answer
+        assert setup.target.received == [] and setup.log_problems() == []
+    finally:
+        setup.stop()
 
 
 # --- 3. item 11, client side -------------------------------------------------------------------
