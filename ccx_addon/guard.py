@@ -76,6 +76,9 @@ def fail_closed(hook: str, method, flow, error: Exception, state: GatewayState) 
     else:
         _log(hook, method, flow, error, state)
     if hook in ("requestheaders", "request"):
+        if record.handover_token and state.handover is not None:
+            state.handover.cancel(record.handover_token)  # this answer replaces the stream
+            record.handover_token = ""
         flow.request.stream = False  # a response and a streamed request cannot go together
         flow.response = error_response(
             status, message, "invalid_request_error" if status < 500 else "server_error", code, param,

@@ -108,6 +108,10 @@ class HandoverServer:
         """Serve `raw` to the request that brings the returned token, without reading its body."""
         return self.register(CannedAnswer(raw))
 
+    def cancel(self, token: str) -> None:
+        """Drop what `token` would have served (its flow got another answer)."""
+        self._expire(token)
+
     def _expire(self, token: str) -> None:
         stream = self.pending.pop(token, None)
         if stream is not None:

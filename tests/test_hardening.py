@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -115,21 +116,27 @@ def test_a_gzip_body_is_decoded_and_sent_upstream_without_content_encoding(gw):
     assert json.loads(sent.body)["model"] == "m" and "content-encoding" not in sent.headers
 
 
-def test_a_hook_that_raises_answers_500_with_one_traceback_and_nothing_reaches_the_target(tmp_path):
+BROKEN = [  # (hook made to raise, stream?)
+    ("AccessGate.requestheaders", False), ("FlowView.requestheaders", False), ("ChatGateway.request", False),
+    ("FlowView.request", True), ("FlowView.responseheaders", True), ("FlowView.response", False),
+]
+
+
+@pytest.mark.parametrize("broken, stream", BROKEN)
+def test_a_hook_that_raises_answers_500_with_one_traceback_and_nothing_reaches_the_target(tmp_path, broken, stream):
     # A real bug stand-in: the gateway loaded by mitmdump with one hook made to raise.
-    for broken in ("FlowView.requestheaders", "AccessGate.requestheaders", "ChatGateway.request", "FlowView.request"):
-        setup = Setup(tmp_path, env={"CCX_BREAK": broken}, script=SCRIPTS / "broken_gateway.py")
-        try:
-            answer = exchange(setup.port, with_length(head(), BODY))
-            error = error_of(answer, 500)
-            assert error["code"] == "gateway_internal_error", broken
-            time.sleep(0.3)
-            log = setup.gw.log()
-            assert log.count("Traceback") == 1 and "deliberately broken" in log, broken
-            assert "Addon error" not in log and PROXY_KEY not in log
-            assert setup.target.received == [], broken
-        finally:
-            setup.stop()
+    setup = Setup(tmp_path, env={"CCX_BREAK": broken}, script=SCRIPTS / "broken_gateway.py")
+    try:
+        body = b'{"model": "m", "stream": %b, "messages": []}' % (b"true" if stream else b"false")
+        error = error_of(exchange(setup.port, with_length(head(), body)), 500)
+        assert error["code"] == "gateway_internal_error"
+        time.sleep(0.3)
+        log = setup.gw.log()
+        assert log.count("Traceback") == 1 and "deliberately broken" in log
+        assert "Addon error" not in log and PROXY_KEY not in log
+        assert setup.target.received == []
+    finally:
+        setup.stop()
 
 
 # --- 2. bounded work per request ------------------------------------------------------------------
@@ -244,16 +251,22 @@ def test_health_without_a_key_says_only_that_the_gateway_is_alive(gw):
 def test_client_disconnects_mid_stream_log_no_tracebacks(tmp_path):
     slow = lambda r: sse_answer(chunk_events("m", ["a"] * 40), delay=0.05)  # noqa: E731
     setup = Setup(tmp_path, behaviour=slow)
+    body = b'{"model": "m", "stream": true, "messages": []}'
+
+    def leave(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", setup.port), timeout=10) as sock:
+            sock.sendall(with_length(head(), body))
+            if i % 2:
+                sock.recv(200)  # mid-stream; else before the answer
+            time.sleep(0.05 * (i % 5))
+
     try:
-        body = b'{"model": "m", "stream": true, "messages": []}'
-        for i in range(60):
-            with socket.create_connection(("127.0.0.1", setup.port), timeout=10) as sock:
-                sock.sendall(with_length(head(), body))
-                if i % 2:
-                    sock.recv(200)
-                if i % 3 == 0:
-                    time.sleep(0.1)
-        time.sleep(2)
+        clients = [threading.Thread(target=leave, args=(i,)) for i in range(150)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join()
+        time.sleep(3)
         assert setup.log_problems() == []
         assert setup.target.received == []
     finally:
