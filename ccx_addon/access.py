@@ -81,6 +81,7 @@ class AccessGate:
         self.max_body_size = 50 * 1024 * 1024
         self.max_header_count = 100
         self.max_header_size = 64 * 1024
+        self._body_size_limit_set: str | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -103,10 +104,12 @@ class AccessGate:
                 self.max_body_size = self.state.max_body_size = human.parse_size(ctx.options.ccx_max_body_size)
             except ValueError as e:
                 raise exceptions.OptionsError(f"ccx_max_body_size: {e}") from None
-            if not ctx.options.body_size_limit or not ctx.options.has_changed("body_size_limit"):
+            if ctx.options.body_size_limit in (None, self._body_size_limit_set):
                 # mitmproxy then stops reading a body at the limit (chunked ones too) instead
-                # of buffering it whole before the request hook sees its size.
-                ctx.options.update(body_size_limit=ctx.options.ccx_max_body_size)
+                # of buffering it whole before the request hook sees its size. A limit the
+                # user set is left alone.
+                self._body_size_limit_set = ctx.options.ccx_max_body_size
+                ctx.options.update(body_size_limit=self._body_size_limit_set)
         if "ccx_max_header_count" in updated:
             if ctx.options.ccx_max_header_count < 1:
                 raise exceptions.OptionsError("ccx_max_header_count: must be at least 1")
