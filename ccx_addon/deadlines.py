@@ -29,6 +29,7 @@ class ClientDeadlines:
         self.header_timeout = 60.0
         self.body_timeout = 300.0
         self._timers: dict[str, asyncio.TimerHandle] = {}  # by client connection id
+        self._closing: set[asyncio.Task] = set()  # referenced until done (asyncio keeps weak refs)
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -101,8 +102,7 @@ class ClientDeadlines:
             408, message, "invalid_request_error", "request_timeout", None, {"connection": "close"})
         self._close(flow.client_conn.id, answer)
 
-    @staticmethod
-    def _close(client_id: str, answer: http.Response | None) -> None:
+    def _close(self, client_id: str, answer: http.Response | None) -> None:
         proxyserver = ctx.master.addons.get("proxyserver")
         handler = proxyserver.connections.get(client_id) if proxyserver else None
         if handler is None:
@@ -110,4 +110,6 @@ class ClientDeadlines:
         io = handler.transports.get(handler.client)
         if answer is not None and io is not None and io.writer is not None and not io.writer.is_closing():
             io.writer.write(http1.assemble_response(answer))
-        asyncio.ensure_future(handler.on_timeout())
+        task = asyncio.ensure_future(handler.on_timeout())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

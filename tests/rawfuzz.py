@@ -154,11 +154,12 @@ def make_cases(seed: int, count: int, most_headers: int = 3000):
 # --- sending and checking -----------------------------------------------------------------------
 
 
-def exchange(port: int, data: bytes, timeout: float = 20.0):
+def exchange(port: int, data: bytes, timeout: float = 20.0, method: bytes = b"POST"):
     """Send `data`, read one response: (status, headers, body), or None if the peer closed
-    without answering."""
+    without answering. `method`: the request's, which decides whether a body follows."""
     conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method=b"POST", target=b"/", headers=[("host", "x")]))
+    # h11 reads the response by the request's rules (no body after HEAD): tell it the method.
+    conn.send(h11.Request(method=b"HEAD" if method == b"HEAD" else b"POST", target=b"/", headers=[("host", "x")]))
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         try:
             sock.sendall(data)
