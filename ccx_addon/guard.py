@@ -72,7 +72,7 @@ def fail_closed(hook: str, method, flow, error: Exception, state: GatewayState) 
         record = state.records[flow] = FlowRecord(endpoint="error")
     record.rejected = record.rejected or code
     if isinstance(error, RequestRefused):
-        logger.info(f"ccx-addon: {hook}: refused {flow.request.method} {flow.request.path!r}: {message}")
+        logger.info(f"ccx-addon: refused {_request_line(flow, state)}: {message}")
     else:
         _log(hook, method, flow, error, state)
     if hook in ("requestheaders", "request"):
@@ -123,9 +123,16 @@ def _mask_credentials(request: http.Request) -> None:
 
 def _log(hook: str, method, flow, error: Exception, state: GatewayState) -> None:
     where = getattr(method, "__qualname__", hook)
+    text = _scrubbed("".join(traceback.format_exception(error)), state)
+    logger.error(f"ccx-addon: {where} failed on {_request_line(flow, state)}; answered with an error:\n{text.rstrip()}")
+
+
+def _request_line(flow, state: GatewayState) -> str:
     request = getattr(flow, "request", None)
-    what = f"{request.method} {request.path!r}" if request is not None else repr(flow)
-    text = "".join(traceback.format_exception(error))
-    text = state.scrub(text.encode("utf-8", "backslashreplace")).decode("utf-8", "replace")
-    logger.error(f"ccx-addon: {where} failed on {what}; answered with an error:\n{text.rstrip()}")
+    return _scrubbed(f"{request.method} {request.path!r}" if request is not None else repr(flow), state)
+
+
+def _scrubbed(text: str, state: GatewayState) -> str:
+    """`text` without any key the config holds (a path or an exception may quote one)."""
+    return state.scrub(text.encode("utf-8", "backslashreplace")).decode("utf-8", "replace")
 
