@@ -88,11 +88,8 @@ def request_bytes(port: int, body: bytes, *, events: int = 0, pause_ms: int = 0)
         f"Authorization: Bearer {ACCESS_KEY}",
         "Content-Type: application/json",
         "Accept: application/json" if not events else "Accept: text/event-stream",
-        "User-Agent: ccx-bench",
+        # bench/upstream.py reads its instructions here (an allowlisted header).
+        "User-Agent: ccx-bench" + (f" events={events}" if events else "") + (f" pause-ms={pause_ms}" if pause_ms else ""),
         f"Content-Length: {len(body)}",
     ]
-    if events:
-        head.append(f"x-bench-events: {events}")
-    if pause_ms:
-        head.append(f"x-bench-pause-ms: {pause_ms}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body

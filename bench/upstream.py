@@ -1,9 +1,10 @@
 """A fast fake OpenAI-compatible upstream on 127.0.0.1: raw asyncio, pre-built answers.
 
-Any POST gets a small chat.completion (Content-Length, keep-alive). A request with
-`x-bench-events: N` gets an SSE answer of N chunk events (each its own HTTP chunk and its
-own write), then a usage event and `data: [DONE]`; `x-bench-pause-ms: M` pauses M ms after
-the first event (to see whether a proxy holds events back).
+Any POST gets a small chat.completion (Content-Length, keep-alive). A request whose
+User-Agent says `events=N` gets an SSE answer of N chunk events (each its own HTTP chunk and
+its own write), then a usage event and `data: [DONE]`; `pause-ms=M` pauses M ms after the
+first event (to see whether a proxy holds events back). The User-Agent, because the gateway
+forwards only allowlisted client headers (README, "What goes upstream").
 
 Usage: python bench/upstream.py PORT   (prints "ready" when listening; stops on SIGTERM/stdin EOF)
 """
@@ -30,6 +31,16 @@ def _header(head: bytes, name: bytes) -> int:
         return 0
     end = head.find(b"\r\n", i + 2)
     return int(head[i + len(name) + 3: end if end > 0 else None].strip() or 0)
+
+
+def _bench_param(head: bytes, name: bytes) -> int:
+    """`name=N` in the User-Agent line (lower-cased head)."""
+    i = head.find(b"\r\nuser-agent:")
+    if i < 0:
+        return 0
+    line = head[i + 2: head.find(b"\r\n", i + 2) if head.find(b"\r\n", i + 2) > 0 else None]
+    j = line.find(b" " + name + b"=")
+    return int(line[j + len(name) + 2:].split(b" ", 1)[0] or 0) if j >= 0 else 0
 
 
 class Upstream(asyncio.Protocol):
@@ -62,11 +73,11 @@ class Upstream(asyncio.Protocol):
             if len(self.buf) < total:
                 return
             self.buf = self.buf[total:]
-            events = _header(head, b"x-bench-events")
+            events = _bench_param(head, b"events")
             if not events:
                 self.transport.write(JSON_ANSWER)
                 continue
-            self.busy = asyncio.ensure_future(self._stream(events, _header(head, b"x-bench-pause-ms")))
+            self.busy = asyncio.ensure_future(self._stream(events, _bench_param(head, b"pause-ms")))
             return
 
     async def _stream(self, events, pause_ms):

@@ -5,25 +5,31 @@ __version__ = "0.1.0"
 
 
 def make_addons() -> list:
-    """The gateway's addons, in hook order, sharing one state."""
-    from .access import AccessGate
+    """The gateway's addons, in hook order, sharing one state. Every request-path hook is
+    wrapped to fail closed (guard.py): add new addons to this list and they are covered."""
+    from .access import AccessGate, EarlyAnswers
     from .backstop import UnhandledRequestGuard
     from .catalog import ModelCatalog
     from .configstore import ConfigStore
+    from .deadlines import ClientDeadlines
     from .explain import Explain
     from .flowlist import CommentColumn, FlowLimit
     from .flowmemory import FlowMemory
     from .flowview import FlowView
     from .gateway import ChatGateway
+    from .guard import guard_hooks
     from .modes import ReverseModeDefaults
+    from .protocolerrors import ProtocolErrors
     from .state import GatewayState
     from .webauth import WebApiGuard
 
     state = GatewayState()
     gateway = ChatGateway(state)
-    return [
+    return guard_hooks([
         ReverseModeDefaults(),
         WebApiGuard(),  # mitmweb without its own authentication (mitmproxy 11.0) gets a token
+        ProtocolErrors(),
+        ClientDeadlines(),
         ConfigStore(state),
         AccessGate(state),
         ModelCatalog(state, gateway.client),  # before the gateway: stopped before its client closes
@@ -33,5 +39,6 @@ def make_addons() -> list:
         CommentColumn(),
         FlowLimit(),
         Explain(state),
+        EarlyAnswers(state),  # after every other requestheaders hook
         UnhandledRequestGuard(state),  # last: answers what the others left unanswered
-    ]
+    ], state)

@@ -50,6 +50,9 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         ) from None
     except RecursionError:
         raise BodyError("The request body is nested too deeply.", "invalid_json") from None
+    except ValueError as e:
+        # Python refuses integers of more than 4,300 digits (CVE-2020-10735).
+        raise BodyError(f"The request body holds a number the gateway cannot read: {e}.", "invalid_json") from None
     if not isinstance(data, dict):
         raise BodyError(
             f"The request body must be a JSON object, not {type(data).__name__}.",
@@ -57,6 +60,10 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         )
     if "model" not in data:
         raise BodyError("You must provide a model parameter.", "missing_parameter", "model")
+    if _may_repeat_model(raw) and _model_key_count(raw) > 1:
+        # Upstreams disagree on which one counts; the gateway would route on the last.
+        raise BodyError("The request body has more than one model key; send exactly one.",
+                        "duplicate_parameter", "model")
     model = data["model"]
     if not isinstance(model, str) or not model.strip():
         raise BodyError(
@@ -66,6 +73,29 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     if stream is not None and not isinstance(stream, bool):
         raise BodyError("The stream parameter must be a boolean.", "invalid_type", "stream")
     return ChatRequest(model=model, stream=bool(stream), source=raw)
+
+
+# An escaped ASCII letter (`"mod\u0065l"`), which could spell "model" without the bytes.
+_ESCAPED_LETTER = re.compile(rb"\\u00[4-7][0-9a-fA-F]")
+
+
+def _may_repeat_model(raw: bytes) -> bool:
+    """Cheap test before the costly one: almost every body has `"model"` once, unescaped."""
+    return raw.count(b'"model"') > 1 or _ESCAPED_LETTER.search(raw) is not None
+
+
+def _model_key_count(raw: bytes) -> int:
+    top = json.loads(raw, object_pairs_hook=lambda pairs: pairs)
+    return sum(1 for key, _ in top if key == "model")
+
+
+def dump_json(data: Any) -> bytes:
+    """`data` as UTF-8 JSON; strings with lone surrogates (a client's `"\ud800"`) stay
+    escaped as the client sent them instead of failing to encode."""
+    try:
+        return json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(data).encode()
 
 
 # A JSON string literal, or one structural character.
@@ -124,7 +154,7 @@ def replace_model(raw: bytes, request: ChatRequest, upstream_model: str) -> byte
         out += raw[last:]
         return bytes(out)
     # Unusual encodings (BOM, UTF-16): fall back to a full re-serialization.
-    return json.dumps({**request.data, "model": upstream_model}, ensure_ascii=False).encode()
+    return dump_json({**request.data, "model": upstream_model})
 
 
 def _decodes_to(literal: bytes, expected: str) -> bool:
@@ -145,4 +175,4 @@ def with_stream_usage(raw: bytes, request: ChatRequest) -> bytes:
     merged = dict(options) if isinstance(options, dict) else {}
     merged["include_usage"] = True
     data["stream_options"] = merged
-    return json.dumps(data, ensure_ascii=False).encode()
+    return dump_json(data)

@@ -364,6 +364,31 @@ _TIMEOUT_FIELDS = {f.name for f in dataclasses.fields(Timeouts)}
 _BREAKER_FIELDS = {f.name for f in dataclasses.fields(BreakerSettings)}
 
 
+def _proxy_access_keys(check, top, environ: Mapping[str, str], source: str) -> list[str]:
+    """The keys clients must present. Clients' keys are compared stripped, so a key with
+    nothing but whitespace (or one left empty) would lock every client out: refused."""
+    if "proxy_access_keys" in top:
+        keys = check.string_list("proxy_access_keys", top["proxy_access_keys"], secret=True)
+        if any(k and not k.strip() for k in keys):
+            raise check.fail("proxy_access_keys", top["proxy_access_keys"],
+                             "a key is only whitespace, which no client can present")
+        keys = [k.strip() for k in keys if k]
+        if not keys:
+            raise check.fail(
+                "proxy_access_keys", top["proxy_access_keys"],
+                "no key left after expanding environment variables (set PROXY_ACCESS_KEY)",
+            )
+        return keys
+    env_key = environ.get("PROXY_ACCESS_KEY", "")
+    if not env_key.strip():
+        raise ConfigError(
+            f"{source}: no proxy access key: set the environment variable PROXY_ACCESS_KEY "
+            + ("to something other than whitespace " if env_key else "")
+            + "or the proxy_access_keys field"
+        )
+    return [env_key.strip()]
+
+
 def parse_config(
     text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
 ) -> GatewayConfig:
@@ -372,22 +397,7 @@ def parse_config(
     root = _compose(text, source)
     top = check.mapping("", root, _TOP_FIELDS)
 
-    if "proxy_access_keys" in top:
-        access_keys = check.string_list("proxy_access_keys", top["proxy_access_keys"], secret=True)
-        access_keys = [k for k in access_keys if k]
-        if not access_keys:
-            raise check.fail(
-                "proxy_access_keys", top["proxy_access_keys"],
-                "no key left after expanding environment variables (set PROXY_ACCESS_KEY)",
-            )
-    else:
-        env_key = environ.get("PROXY_ACCESS_KEY", "")
-        if not env_key:
-            raise ConfigError(
-                f"{source}: no proxy access key: set the environment variable "
-                "PROXY_ACCESS_KEY or the proxy_access_keys field"
-            )
-        access_keys = [env_key]
+    access_keys = _proxy_access_keys(check, top, environ, source)
 
     if "channels" not in top:
         raise check.fail("channels", root, "missing: list at least one channel")

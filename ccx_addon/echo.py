@@ -55,7 +55,7 @@ def echo_reply(request: ChatRequest, upstream_model: str) -> tuple[str, bytes]:
             }],
             "usage": usage,
         }
-        return "application/json", json.dumps(completion, ensure_ascii=False).encode()
+        return "application/json", json.dumps(completion, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
     chunk = {**base, "object": "chat.completion.chunk"}
     out = bytearray(event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))

@@ -47,6 +47,28 @@ def error_response(
     return json_response(status, error_body(message, type_, code, param), headers)
 
 
+class RequestRefused(Exception):
+    """Raised anywhere on the request path when the client's input is at fault: the
+    fail-closed guard (guard.py) answers it with this status and message."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+def display_text(text: str) -> str:
+    """`text` safe to log, save (-w) and show: lone surrogates (a JSON "\\ud800" in a model
+    name) become backslash escapes instead of crashing an encoder later."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
     """What a request path resolves to: one of the served endpoints, or an error to send."""

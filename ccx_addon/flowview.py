@@ -1,6 +1,7 @@
 """The flow view as the request log: each flow says which channel, which upstream model and
 which attempt served it, keeps its streamed body, and shows the upstream URL."""
 
+import itertools
 import logging
 
 from mitmproxy import ctx, exceptions, http
@@ -10,6 +11,7 @@ from mitmproxy.utils import human
 from .flowsummary import (
     TimedStreamCapture, Timing, comment_for, judge, measure, session_label, summary_line,
 )
+from .errors import display_text
 from .gateway import client_gone, header_value
 from .handover import TOKEN_HEADER
 from .redact import scrub_text
@@ -21,6 +23,9 @@ logger = logging.getLogger(__name__)
 # A request header added to the flow view only (after the upstream request was sent): the
 # flow shows the request as sent upstream, so this keeps the client's model next to it.
 REQUESTED_MODEL_HEADER = "x-ccx-requested-model"
+# The metadata keeps this many of the client's headers: more are refused (431) anyway, and
+# copying 20,000 of them cost ~50 ms of the gateway's single thread.
+KEPT_CLIENT_HEADERS = 200
 
 
 def describe(record: FlowRecord, status: int | None, error: str = "") -> tuple[str, str]:
@@ -58,10 +63,16 @@ class FlowView:
             return
         record.session = session_label(flow.request.headers)
         secrets = self.state.config.secrets if self.state.config else ()
+        # items(multi=True): one pass. items() looks every name up again, which made
+        # 20,000 headers cost ~20 s of the whole gateway's time (quadratic).
+        headers: dict[str, str] = {}
+        for name, value in itertools.islice(flow.request.headers.items(multi=True), KEPT_CLIENT_HEADERS):
+            name, value = display_text(name), display_text(scrub_text(value, secrets))
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
         record.client_request = {
             "method": flow.request.method,
             "path": scrub_text(flow.request.path, secrets),
-            "headers": {k: scrub_text(v, secrets) for k, v in flow.request.headers.items()},
+            "headers": headers,
         }
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -114,14 +125,14 @@ class FlowView:
         if record.endpoint == "chat" and record.result is not None:
             timing = measure(record, flow)
             usage = usage_of(record, flow)
-        flow.comment = comment_for(verdict, record.endpoint, timing, usage, record.session, record.stream)
+        flow.comment = display_text(comment_for(verdict, record.endpoint, timing, usage, record.session, record.stream))
         if verdict is not None and verdict.marker:
             flow.marked = verdict.marker
         flow.metadata["ccx"] = self.metadata(record, status, timing, usage)
         if verdict is not None:
             method = record.client_request.get("method", flow.request.method)
             path = record.client_request.get("path", flow.request.path)
-            line = summary_line(method, path, verdict, timing, usage, record.session, record.stream)
+            line = display_text(summary_line(method, path, verdict, timing, usage, record.session, record.stream))
             # Failures stand out in mitmdump's output (warnings are coloured).
             (logger.warning if verdict.failed else logger.info)(line)
 
@@ -144,7 +155,7 @@ class FlowView:
         if result is not None:
             data.update(
                 channel=result.route.channel.name if result.route else None,
-                upstream_model=result.route.upstream_model if result.route else None,
+                upstream_model=display_text(result.route.upstream_model) if result.route else None,
                 key=result.key_label or None,
                 attempts=[
                     {"channel": a.channel, "key": a.key, "model": a.upstream_model, "outcome": a.outcome}

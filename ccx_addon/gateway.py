@@ -16,11 +16,13 @@ from . import legacylog
 from .access import model_not_found_message, reject
 from .body import BodyError, parse_chat_request
 from .encodings import StreamDecoder, encodings_of
+from .errors import display_text
 from .forwarding import Attempt, Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
 from .reasoning import ReasoningObserver, capture_completion
 from .redact import StreamScrubber, scrub_bytes, scrub_headers
+from .requestcheck import decode_body
 from .rewrite import fixes_for, image_refusals
 from .routing import plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
@@ -88,7 +90,7 @@ class ChatGateway:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self.client = UpstreamClient()
-        self.handover = HandoverServer()
+        self.handover = state.handover = HandoverServer()
         self.forwarder = Forwarder(self.client)
         self.client_watch = ClientWatch()
         self._log_filters: list = []
@@ -107,15 +109,19 @@ class ChatGateway:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         record = self.state.records.get(flow)
-        if record is None or flow.response or record.endpoint != "chat":
+        if record is None or flow.response or record.endpoint != "chat" or record.rejected:
             return
         config, health = self.state.config, self.state.health
+        # Decoded here, capped: mitmproxy's own `content` would inflate a gzip bomb whole.
+        # A refusal (415, 400, 413) raises RequestRefused, which the guard answers.
+        body = decode_body(flow.request.raw_content or b"", flow.request.headers.get("content-encoding", ""),
+                           self.state.max_body_size)
         try:
-            chat = parse_chat_request(flow.request.content or b"")
+            chat = parse_chat_request(body)
         except BodyError as e:
             reject(flow, record, 400, str(e), e.code, e.param)
             return
-        record.requested_model = chat.model
+        record.requested_model = display_text(chat.model)
         record.stream = chat.stream
 
         plan = plan_routes(config, chat.model)
@@ -134,7 +140,7 @@ class ChatGateway:
         self.client_watch.add(task, flow, record)
         try:
             result = await self.forwarder.forward(
-                config, health, plan, chat, flow.request.raw_content or b"", flow.request.headers.items(multi=True),
+                config, health, plan, chat, body, flow.request.headers.items(multi=True),
             )
         except asyncio.CancelledError:
             if not record.client_gone:

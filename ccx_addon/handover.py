@@ -69,9 +69,17 @@ class PendingStream:
     expiry: asyncio.TimerHandle | None = None
 
 
+@dataclasses.dataclass
+class CannedAnswer:
+    """A whole HTTP response, for a request refused from its headers alone (access.py)."""
+
+    raw: bytes
+    expiry: asyncio.TimerHandle | None = None
+
+
 class HandoverServer:
     def __init__(self) -> None:
-        self.pending: dict[str, PendingStream] = {}
+        self.pending: dict[str, PendingStream | CannedAnswer] = {}
         self._server: asyncio.Server | None = None
         self.port = 0
         self._pumps: set[asyncio.Task] = set()
@@ -92,19 +100,28 @@ class HandoverServer:
         for task in list(self._pumps):
             task.cancel()
 
-    def register(self, stream: PendingStream) -> str:
+    def register(self, stream: "PendingStream | CannedAnswer") -> str:
         token = secrets.token_urlsafe(18)
         self.pending[token] = stream
         stream.expiry = asyncio.get_running_loop().call_later(UNCLAIMED_TTL, self._expire, token)
         return token
+
+    def register_answer(self, raw: bytes) -> str:
+        """Serve `raw` to the request that brings the returned token, without reading its body."""
+        return self.register(CannedAnswer(raw))
+
+    def cancel(self, token: str) -> None:
+        """Drop what `token` would have served (its flow got another answer)."""
+        self._expire(token)
 
     def _expire(self, token: str) -> None:
         stream = self.pending.pop(token, None)
         if stream is not None:
             if stream.expiry:
                 stream.expiry.cancel()
-            stream.response.close()
-            stream.on_end("not collected: the client left before the stream started")
+            if isinstance(stream, PendingStream):
+                stream.response.close()
+                stream.on_end("not collected: the client left before the stream started")
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -131,9 +148,14 @@ class HandoverServer:
         except asyncio.IncompleteReadError:
             return None
         token, length = _parse_head(head)
+        stream = self.pending.pop(token, None) if token else None
+        if isinstance(stream, CannedAnswer):
+            # mitmproxy streams the body of such a request away: nothing of it comes here.
+            stream.expiry.cancel()
+            writer.write(stream.raw)
+            return b""
         if length:
             await reader.readexactly(length)  # the body already went upstream
-        stream = self.pending.pop(token, None) if token else None
         if stream is None:
             writer.write(
                 b"HTTP/1.1 410 Gone\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n"
@@ -156,6 +178,10 @@ class HandoverServer:
         # read result here means it closed it: the client went away.
         client_gone = asyncio.ensure_future(reader.read(1))
         pump = asyncio.ensure_future(self._pump_body(stream, writer))
+        # A client that leaves mid-stream resets this connection: the read then fails too.
+        # Expected, so retrieved here (else asyncio logs "Unhandled error in task" for each).
+        client_gone.add_done_callback(_retrieve)
+        pump.add_done_callback(_retrieve)
         try:
             await asyncio.wait((pump, client_gone), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -246,6 +272,9 @@ def _flush(transforms) -> bytes:
         return run_transforms(transforms, b"", final=True)
     except DecodeError:
         return b""
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _framed(headers) -> bool:

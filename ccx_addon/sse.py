@@ -14,7 +14,7 @@ def is_event_stream(content_type: str | None) -> bool:
 
 
 def event(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n\n"
 
 
 def error_event(message: str, type_: str = "upstream_error", code: str | None = None) -> bytes:

@@ -32,6 +32,11 @@ class FlowRecord:
     # itself is rewritten to show what went upstream.
     client_request: dict = dataclasses.field(default_factory=dict)
     session: str = ""  # a short label of the client's session id (not a secret)
+    # Refused from the headers alone: the answer comes from the hand-over server while
+    # mitmproxy drops the body (access.py, EarlyAnswers). Holds the flow's original (scheme,
+    # host, port, header fields), shown again once answered; later hooks leave it alone.
+    answered_early: tuple = ()
+    close_connection: bool = False  # the client asked for it (or speaks HTTP/1.0)
 
 
 class GatewayState:
@@ -41,6 +46,10 @@ class GatewayState:
         self.records: weakref.WeakKeyDictionary[http.HTTPFlow, FlowRecord] = weakref.WeakKeyDictionary()
         # Channel name -> (base URL, model ids) of upstream /models lists (catalog.py).
         self.upstream_models: dict[str, tuple[str, tuple[str, ...]]] = {}
+        # The loopback hand-over server (set when it listens): the only server the proxy
+        # may connect to (backstop.py), and where early refusals are answered (access.py).
+        self.handover = None
+        self.max_body_size = 50 * 1024 * 1024  # option ccx_max_body_size (access.py)
 
     def install(self, config: GatewayConfig) -> None:
         """Put a new config in force. Requests in flight keep the objects they started with."""

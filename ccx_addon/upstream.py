@@ -17,12 +17,23 @@ from .config import Channel
 from .verdicts import Verdict, judge_answer  # noqa: F401 (re-exported)
 from .encodings import DecodeError, decode_body, unsupported_encoding
 
-# Never forwarded: connection-level headers, and the client's credentials.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade",
 })
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "accept-encoding"}
+# The client headers that go upstream: an allowlist (README, "What goes upstream"). Anything
+# else (cookies, the client's credentials, Content-Encoding of a body the gateway decoded,
+# headers naming the client's own OpenAI organization) stays at the gateway.
+FORWARDED_CLIENT_HEADERS = frozenset({
+    "content-type", "accept", "user-agent", "x-session-id", "x-session-affinity",
+})
+# The OpenAI SDKs' client description (x-stainless-lang, -retry-count, ...).
+FORWARDED_CLIENT_PREFIXES = ("x-stainless-",)
+
+
+def forwarded_client_header(name: str) -> bool:
+    lower = name.lower()
+    return lower in FORWARDED_CLIENT_HEADERS or lower.startswith(FORWARDED_CLIENT_PREFIXES)
 
 
 def upstream_request_headers(
@@ -30,10 +41,10 @@ def upstream_request_headers(
 ) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in client_headers:
-        lower = name.lower()
-        if lower in _NOT_FORWARDED or lower.startswith("x-ccx-"):
-            continue
-        headers[name] = value
+        if forwarded_client_header(name):
+            headers[name] = value
+    if not any(name.lower() == "content-type" for name in headers):
+        headers["Content-Type"] = "application/json"
     for name, value in channel.headers:
         headers[name] = value
     # SSE must stay readable event by event, and the flow view shows plain text.

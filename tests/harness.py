@@ -61,6 +61,15 @@ class FlowCollector:
         self.updates.append(("responseheaders", flow.get_state()))
 
 
+class LoadedScript:
+    """What mitmproxy makes of `-s ccx_addon/addon.py`: one addon whose children are the
+    gateway's addons, so each hook runs for all of them in one call, and an exception in one
+    skips the rest (as it does for users). Adding the addons one by one hid exactly that."""
+
+    def __init__(self, addons: list) -> None:
+        self.addons = addons
+
+
 class InProcessGateway:
     """A DumpMaster with the gateway's addons, on its own event loop in a thread."""
 
@@ -101,11 +110,11 @@ class InProcessGateway:
         # session that includes other tests' noise. Start-up errors are tested via mitmdump.
         self.master.addons.remove(self.master.addons.get("errorcheck"))
         self.addons = ccx_addon.make_addons()
-        self.master.addons.add(*self.addons, self.collector)
+        script = LoadedScript(self.addons)
+        self.master.addons.add(script, self.collector)
         options.update(ccx_config=str(self.config_path), **self.options)
         # What mitmproxy's script loader does for a freshly loaded script.
-        for addon in self.addons:
-            self.master.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(options.keys())))
+        self.master.addons.invoke_addon_sync(script, hooks.ConfigureHook(set(options.keys())))
         options.update(mode=["reverse:http://127.0.0.1:9@127.0.0.1:0"])
         self._run = asyncio.ensure_future(self.master.run())
         proxyserver = self.master.addons.get("proxyserver")
@@ -154,9 +163,10 @@ class SubprocessGateway:
 
     def __init__(self, config_path: Path, workdir: Path, *args: str, tool: str = "mitmdump",
                  env: dict[str, str] | None = None, argv: list[str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, script=None) -> None:
         """`argv` replaces the default command line (then pass the `port` it listens on)."""
         self.argv = argv
+        self.script = script or ADDON
         self.config_path = config_path
         self.workdir = workdir
         self.args = list(args)
@@ -174,7 +184,7 @@ class SubprocessGateway:
         if self.argv is not None:
             return self.argv
         return [
-            str(BIN / self.tool), "-s", str(ADDON),
+            str(BIN / self.tool), "-s", str(self.script),
             "--set", f"ccx_listen=127.0.0.1:{self.port}",
             "--set", f"ccx_config={self.config_path}",
             *self.args,

@@ -35,10 +35,25 @@ def test_escaped_and_unicode_model_names():
     assert out.endswith(b', "messages": []}')
 
 
-def test_duplicate_top_level_keys_are_all_rewritten():
-    raw = b'{"model": "a", "messages": [], "model": "a"}'
-    assert json.loads(rewrite(raw, "b"))["model"] == "b"
-    assert b'"a"' not in rewrite(raw, "b")
+def test_duplicate_top_level_model_keys_are_refused():
+    # Upstreams differ on which one counts; the gateway routed on the last and sent both.
+    for raw in (b'{"model": "a", "messages": [], "model": "b"}', b'{"model": "a", "mod\\u0065l": "b"}',
+                b'{"model": 1, "model": "b"}'):
+        with pytest.raises(BodyError) as refused:
+            parse_chat_request(raw)
+        assert refused.value.code == "duplicate_parameter" and refused.value.param == "model"
+    # Nested "model" keys, and an escaped letter elsewhere, are fine.
+    assert parse_chat_request(b'{"model": "a", "m": {"model": 1}, "t": "\\u0041"}').model == "a"
+
+
+def test_huge_integers_and_lone_surrogates():
+    with pytest.raises(BodyError) as refused:
+        parse_chat_request(b'{"model": "a", "n": ' + b"1" * 4301 + b"}")
+    assert refused.value.code == "invalid_json" and "4300" in str(refused.value)
+    # A lone surrogate survives re-serialisation as the escape the client sent.
+    raw = b'{"model": "a", "stream": true, "messages": [{"content": "\\ud800"}]}'
+    out = with_stream_usage(raw, parse_chat_request(raw))
+    assert json.loads(out)["messages"][0]["content"] == "\ud800" and b"\\ud800" in out
 
 
 def test_unchanged_model_returns_the_same_bytes():

@@ -6,15 +6,14 @@ mitmproxy's, after an addon crash). Gateway-made answers carry `x-ccx-gateway: l
 
 import json
 import logging
-import socket
 
-import h11
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatclient import CHAT
 from conftest import PROXY_KEY, UPSTREAM_KEYS, channel, config
+from rawfuzz import exchange
 
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 SECRETS = (PROXY_KEY, *UPSTREAM_KEYS)
@@ -160,28 +159,7 @@ def test_fuzzed_requests_through_an_http_client(gateway, upstreams, caplog):
 
 def raw_exchange(port: int, method: bytes, data: bytes) -> tuple[int, dict[str, str], bytes] | None:
     """Send bytes, read one HTTP response (None when the peer just closed)."""
-    conn = h11.Connection(h11.CLIENT)
-    # h11 reads the response by the request's rules (no body after HEAD): tell it the method.
-    conn.send(h11.Request(method=b"HEAD" if method == b"HEAD" else b"POST", target=b"/", headers=[("host", "x")]))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(data)
-        response, body = None, b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                chunk = sock.recv(65536)  # a hang raises socket.timeout: a failure
-                conn.receive_data(chunk)
-                if not chunk and response is None:
-                    return None
-                continue
-            if isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}
-        return response.status_code, headers, body
+    return exchange(port, data, timeout=10, method=method)
 
 
 raw_bytes_in_line = st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b)

@@ -34,7 +34,8 @@ def test_non_streaming_request_is_mapped_rekeyed_and_otherwise_untouched(gateway
     up = upstreams()
     gw = gateway(config(channel("main", up.url + "/v1", extra="model_mapping: {gpt: up-model, mini: up-light}")))
     raw = b'{"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi \\u00e9"}],  "temperature":0.5}'
-    response = post(gw, raw, headers={**AUTH, "x-custom": "kept", "accept-encoding": "gzip"})
+    response = post(gw, raw, headers={**AUTH, "x-custom": "dropped", "x-session-id": "ses_1", "cookie": "a=b",
+                                      "accept-encoding": "gzip"})
 
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "hello from upstream"
@@ -43,7 +44,9 @@ def test_non_streaming_request_is_mapped_rekeyed_and_otherwise_untouched(gateway
     [received] = up.received
     assert received.path == "/v1/chat/completions"
     assert received.headers["authorization"] == f"Bearer {UPSTREAM_KEYS[0]}"
-    assert received.headers["x-custom"] == "kept"
+    # Only allowlisted client headers go upstream (README, "What goes upstream").
+    assert received.headers["x-session-id"] == "ses_1"
+    assert "x-custom" not in received.headers and "cookie" not in received.headers
     assert received.headers["accept-encoding"] == "identity"
     assert PROXY_KEY not in json.dumps(received.headers)
     # Only the model value changed, byte for byte.
