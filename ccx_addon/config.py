@@ -54,6 +54,18 @@ class BreakerSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class AffinitySettings:
+    """Session affinity: requests with a client session id stay on one key of a channel, so
+    the provider's prompt cache (per account or key) keeps hitting."""
+
+    enabled: bool = True
+    # Seconds since a session's last request after which its binding is forgotten.
+    ttl: float = 4 * 3600.0
+    # Sessions remembered at most; the least recently used is forgotten first.
+    max_sessions: int = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
 class Channel:
     name: str
     base_url: str
@@ -70,6 +82,9 @@ class Channel:
     stream_usage: bool = False
     preset: str = ""  # one of PRESET_NAMES, or "" for none (only `model` changes)
     cooldown: float = 60.0
+    # Keep a client session on one key (see AffinitySettings); the top-level setting unless
+    # the channel overrides it.
+    session_affinity: bool = True
     timeouts: Timeouts = Timeouts()
     # Why an enabled-looking channel cannot serve (e.g. its key env vars are all empty).
     inactive_reason: str = ""
@@ -98,6 +113,7 @@ class GatewayConfig:
     channels: tuple[Channel, ...] = ()
     breaker: BreakerSettings = BreakerSettings()
     max_attempts: int = 5
+    session_affinity: AffinitySettings = AffinitySettings()
 
     @functools.cached_property
     def secrets(self) -> tuple[str, ...]:
@@ -293,14 +309,17 @@ def check_base_url(url: str) -> str | None:
     return None
 
 
-_TOP_FIELDS = {"proxy_access_keys", "channels", "circuit_breaker", "max_attempts", "$schema"}
+_TOP_FIELDS = {
+    "proxy_access_keys", "channels", "circuit_breaker", "max_attempts", "$schema", "session_affinity",
+}
 _CHANNEL_FIELDS = {
     "name", "base_url", "api_keys", "priority", "enabled", "supported_models",
     "model_mapping", "fallback", "auth_header", "headers", "stream_usage", "cooldown",
-    "timeouts", "preset",
+    "timeouts", "preset", "session_affinity",
 }
 _TIMEOUT_FIELDS = {f.name for f in dataclasses.fields(Timeouts)}
 _BREAKER_FIELDS = {f.name for f in dataclasses.fields(BreakerSettings)}
+_AFFINITY_FIELDS = {f.name for f in dataclasses.fields(AffinitySettings)}
 
 
 def parse_config(
@@ -361,13 +380,48 @@ def parse_config(
     if "max_attempts" in top:
         max_attempts = check.number("max_attempts", top["max_attempts"], integer=True, minimum=1)
 
+    affinity = _parse_affinity(check, top.get("session_affinity"))
+    channels = _apply_affinity(check, channel_items, channels, affinity)
     return GatewayConfig(
         source=source,
         proxy_access_keys=tuple(access_keys),
         channels=tuple(sorted(channels, key=lambda c: c.priority)),
         breaker=breaker,
         max_attempts=max_attempts,
+        session_affinity=affinity,
     )
+
+
+def _parse_affinity(check: _Validator, item: _Located | None) -> AffinitySettings:
+    """Top-level `session_affinity`: true/false, or a mapping with `enabled`, `ttl` (seconds)
+    and `max_sessions`."""
+    if item is None:
+        return AffinitySettings()
+    if not isinstance(item.value, dict):
+        return AffinitySettings(enabled=check.boolean("session_affinity", item))
+    fields = check.mapping("session_affinity", item, _AFFINITY_FIELDS)
+    values: dict[str, Any] = {}
+    if "enabled" in fields:
+        values["enabled"] = check.boolean("session_affinity.enabled", fields["enabled"])
+    if "ttl" in fields:
+        values["ttl"] = check.number("session_affinity.ttl", fields["ttl"], minimum=1)
+    if "max_sessions" in fields:
+        values["max_sessions"] = check.number(
+            "session_affinity.max_sessions", fields["max_sessions"], integer=True, minimum=1)
+    return AffinitySettings(**values)
+
+
+def _apply_affinity(
+    check: _Validator, items: _Located, channels: list[Channel], affinity: AffinitySettings
+) -> list[Channel]:
+    """Each channel's `session_affinity` (true/false) overrides the top-level setting."""
+    resolved = []
+    for index, (item, channel) in enumerate(zip(items.value, channels)):
+        own = item.value.get("session_affinity")
+        enabled = affinity.enabled if own is None else check.boolean(
+            f"channels[{index}].session_affinity", own)
+        resolved.append(dataclasses.replace(channel, session_affinity=enabled))
+    return resolved
 
 
 def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> Channel:

@@ -171,6 +171,7 @@ class Verdict:
     marker: str
     failed: bool
     rejected: str = ""  # the gateway's error code when it answered itself
+    affinity: str = ""  # session affinity's key choice, e.g. "→ pool#2 (new)"
 
 
 def tries_of(record: FlowRecord) -> list:
@@ -215,7 +216,8 @@ def judge(record: FlowRecord, status: int | None, error: str = "") -> Verdict | 
         marker = MARK_FAILOVER
     else:
         marker = ""
-    return Verdict(served_by, models, attempts, f"{status}{stream}" + (" failed" if failed else ""), problems, marker, failed)
+    return Verdict(served_by, models, attempts, f"{status}{stream}" + (" failed" if failed else ""), problems, marker, failed,
+                   affinity=result.affinity)
 
 
 def comment_for(
@@ -236,8 +238,13 @@ def comment_for(
         parts += verdict.problems
         parts += format_timing(timing, stream)
         parts += [format_tokens(usage)] if usage else []
-    parts += [f"session {session}"] if session else []
+    parts += [_session_part(session, verdict)] if session else []
     return " | ".join(p for p in parts if p)
+
+
+def _session_part(session: str, verdict: Verdict) -> str:
+    """`session 3f2a9c1d`, plus the key session affinity chose: `→ pool#2 (new)`."""
+    return f"session {session} {verdict.affinity}" if verdict.affinity else f"session {session}"
 
 
 def summary_line(
@@ -260,5 +267,5 @@ def summary_line(
     if verdict.attempts and (verdict.attempts != "attempt 1/1"):
         line += f"; {verdict.attempts}"
     if session:
-        line += f" [session {session}]"
+        line += f" [{_session_part(session, verdict)}]"
     return line

@@ -13,7 +13,7 @@ from .body import ChatRequest, replace_model, with_stream_usage
 from .config import GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
-from .health import HealthRegistry
+from .health import HealthRegistry, SessionChoice
 from .redact import scrub_text
 from .routing import Route, RoutePlan
 from .sse import completion_to_events, is_event_stream
@@ -58,6 +58,9 @@ class ForwardResult:
     # "upstream": the upstream's answer as it was; "gateway": made here (errors, echo,
     # converted answers).
     origin: str = "upstream"
+    # Session affinity: how the last key was chosen for the client's session, e.g.
+    # "→ pool#2", "→ pool#2 (new)", "→ pool#3 (moved from pool#2: cooling)"; "" without one.
+    affinity: str = ""
 
     @property
     def tries(self) -> list[Attempt]:
@@ -95,7 +98,9 @@ class Forwarder:
         request: ChatRequest,
         raw_body: bytes,
         client_headers: Iterable[tuple[str, str]],
+        session: SessionChoice | None = None,
     ) -> ForwardResult:
+        """`session`: the client session's key bindings (session affinity), or None."""
         client_headers = list(client_headers)
         attempts: list[Attempt] = []
         last_answer: ForwardResult | None = None
@@ -117,7 +122,7 @@ class Forwarder:
             tried: set[int] = set()
             probe_used = False
             while budget > 0:
-                index, why_not = pool.pick(time.time(), tried)
+                index, why_not = pool.pick(time.time(), tried, session)
                 if index is None:
                     if not tried:  # after tries of its own, the channel needs no excuse
                         attempts.append(Attempt(channel.name, "-", route.upstream_model, f"skipped: {why_not}"))

@@ -15,6 +15,7 @@ from mitmproxy.net.http import url as mitmproxy_url
 from . import legacylog
 from .access import model_not_found_message, reject
 from .body import BodyError, parse_chat_request
+from .flowsummary import SESSION_HEADERS
 from .forwarding import Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
@@ -41,6 +42,15 @@ def freeze_startup_objects() -> None:
         _gc_frozen = True
         gc.collect()
         gc.freeze()
+
+
+def client_session_id(headers: http.Headers) -> str:
+    """The client's whole session id (`x-session-id`, else `x-session-affinity`), which binds
+    the session to a key. Only its short label is ever shown."""
+    for name in SESSION_HEADERS:
+        if value := headers.get(name, "").strip():
+            return value
+    return ""
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:
@@ -124,9 +134,11 @@ class ChatGateway:
         # Forward in this task; the client watch cancels it if the client leaves meanwhile.
         task = asyncio.current_task()
         self.client_watch.add(task, flow, record)
+        session = health.session_choice(client_session_id(flow.request.headers), time.time())
         try:
             result = await self.forwarder.forward(
                 config, health, plan, chat, flow.request.raw_content or b"", flow.request.headers.items(multi=True),
+                session,
             )
         except asyncio.CancelledError:
             if not record.client_gone:
@@ -136,6 +148,8 @@ class ChatGateway:
             return
         finally:
             self.client_watch.discard(task)
+        if session is not None:
+            result.affinity = session.note
         record.result = result
         self.show_upstream_request(flow, result)
         if result.stream is not None:
