@@ -77,6 +77,8 @@ def format_explanation(explanation: Explanation, health: dict | None = None) -> 
             continue
         lines.append(f"  allowed #{verdict.position} {name}  {describe_mapping(model, verdict)}")
         lines.append(f"  {'':{11 + width}}  → {verdict.url}")
+        if route := describe_proxy(verdict.channel):
+            lines.append(f"  {'':{11 + width}}  {route}")
         if health and (state := health.get(verdict.channel.name)):
             if state.get("circuit") not in (None, "closed"):
                 lines.append(f"  {'':{11 + width}}  now: circuit {state['circuit']}")
@@ -117,6 +119,17 @@ def describe_affinity(explanation: Explanation) -> str:
     return text + (f" Off for {', '.join(off)}." if off else "")
 
 
+def describe_proxy(channel: Channel) -> str:
+    """Which proxy a channel's requests go through, credentials masked; "" for a plain
+    direct connection."""
+    if channel.is_echo:
+        return ""
+    if channel.proxy is not None:
+        source = "proxy_url" if channel.proxy.source == "proxy_url" else f"from {channel.proxy.source}"
+        return f"via proxy {channel.proxy.display} ({source})"
+    return f"direct ({channel.direct_because})" if channel.direct_because else ""
+
+
 def describe_channel(channel: Channel) -> str:
     if not channel.enabled:
         state = "disabled"
@@ -125,6 +138,8 @@ def describe_channel(channel: Channel) -> str:
     else:
         state = "active"
     facts = [state, "echo: built-in" if channel.is_echo else channel.chat_url]
+    if route := describe_proxy(channel):
+        facts.append(route)
     if channel.api_keys:
         facts.append(f"{len(channel.api_keys)} key(s)")
         if len(channel.api_keys) > 1 and not channel.session_affinity:

@@ -172,6 +172,7 @@ class Verdict:
     failed: bool
     rejected: str = ""  # the gateway's error code when it answered itself
     affinity: str = ""  # session affinity's key choice, e.g. "→ pool#2 (new)"
+    proxy: str = ""  # the serving channel's proxy, credentials masked
 
 
 def tries_of(record: FlowRecord) -> list:
@@ -217,7 +218,13 @@ def judge(record: FlowRecord, status: int | None, error: str = "") -> Verdict | 
     else:
         marker = ""
     return Verdict(served_by, models, attempts, f"{status}{stream}" + (" failed" if failed else ""), problems, marker, failed,
-                   affinity=result.affinity)
+                   affinity=result.affinity, proxy=proxy_of(result))
+
+
+def proxy_of(result) -> str:
+    """The serving channel's proxy as shown (`http://user:***@host:port`), or ""."""
+    proxy = result.route.channel.proxy if result.route is not None else None
+    return proxy.display if proxy is not None else ""
 
 
 def comment_for(
@@ -238,6 +245,7 @@ def comment_for(
         parts += verdict.problems
         parts += format_timing(timing, stream)
         parts += [format_tokens(usage)] if usage else []
+    parts += [f"proxy {verdict.proxy}"] if verdict.proxy else []
     parts += [_session_part(session, verdict)] if session else []
     return " | ".join(p for p in parts if p)
 
@@ -257,7 +265,7 @@ def summary_line(
     if verdict.models:
         head += f" {verdict.models}"
     if verdict.served_by:
-        head += f" via {verdict.served_by}"
+        head += f" via {verdict.served_by}" + (f" through proxy {verdict.proxy}" if verdict.proxy else "")
     answer = [verdict.status + (f" {verdict.rejected}" if verdict.rejected else "")]
     answer += list(verdict.problems)
     if not verdict.rejected:

@@ -369,3 +369,18 @@ def test_the_schema_knows_the_affinity_fields_and_defaults():
     for name, field in top["properties"].items():
         assert field["default"] == getattr(AffinitySettings(), name), name
     assert "session_affinity" in schema["definitions"]["channel"]["properties"]
+
+
+def test_the_session_id_is_x_session_id_else_x_session_affinity_whole():
+    from mitmproxy import http
+
+    from ccx_addon.gateway import client_session_id
+
+    def of(*fields):
+        return client_session_id(http.Headers([(k.encode(), v.encode()) for k, v in fields]))
+
+    long_id = "ses_" + "x" * 300
+    assert of(("X-Session-Affinity", "aff"), ("X-Session-Id", f" {long_id} ")) == long_id
+    assert of(("x-session-id", " "), ("x-session-affinity", "aff-1")) == "aff-1"
+    assert of(("x-session-id", "first"), ("x-session-id", "second")) == "first"
+    assert of(("authorization", "Bearer x")) == ""
