@@ -6,6 +6,7 @@ upstream's n-th request is the gateway's n-th upstream attempt. Pure logic (the 
 store, TTL, LRU, reload) is stepped with an explicit `now` below.
 """
 
+import collections
 import time
 
 import pytest
@@ -384,3 +385,24 @@ def test_the_session_id_is_x_session_id_else_x_session_affinity_whole():
     assert of(("x-session-id", " "), ("x-session-affinity", "aff-1")) == "aff-1"
     assert of(("x-session-id", "first"), ("x-session-id", "second")) == "first"
     assert of(("authorization", "Bearer x")) == ""
+
+
+def test_session_counts_follow_binds_moves_expiry_and_eviction():
+    pool, store = make_pool(), SessionBindings(AffinitySettings(ttl=60, max_sessions=3))
+
+    def counts():
+        return {k: v for k, v in store.counts().items() if v}
+
+    for s in "abc":
+        pick(pool, store, s)
+    assert counts() == {("pool", 0): 1, ("pool", 1): 1, ("pool", 2): 1}
+    pool.cool_down(0, 30, T0)
+    pick(pool, store, "a", T0 + 1)  # moves from key 1 to key 2
+    assert counts() == {("pool", 1): 2, ("pool", 2): 1}
+    pick(pool, store, "d", T0 + 2)  # evicts b, the least recently used
+    assert sum(counts().values()) == 3 and len(store) == 3
+    pick(pool, store, "e", T0 + 100)  # the others expired
+    assert len(store) == 1 and sum(counts().values()) == 1
+    recount = collections.Counter(
+        (c, i) for entry in store._sessions.values() for c, i in entry.keys.items())
+    assert counts() == dict(recount)
