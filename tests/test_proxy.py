@@ -400,3 +400,15 @@ def test_an_https_upstream_is_tunnelled_through_the_proxy_with_connect(proxies, 
     finally:
         gw.stop()
         up.stop()
+
+
+def test_an_authenticated_socks5_proxy(gateway, upstreams, proxies):
+    up, socks = upstreams(), proxies("socks5", "--set", f"proxyauth={USER}:{PASSWORD}")
+    gw = gateway(config(
+        channel("wrong", up.url + "/v1", extra=f"proxy_url: socks5://{USER}:wrong-pw@127.0.0.1:{socks.port}"),
+        channel("good", up.url + "/v1", extra=f"proxy_url: socks5h://{USER}:{PASSWORD}@127.0.0.1:{socks.port}"),
+    ))
+    response = chat_ok(gw, stream=True)
+    assert response.headers["x-ccx-channel"] == "good" and socks.passed(up) == 1
+    outcome = chat_flows(gw, 1)[0].metadata["ccx"]["attempts"][0]["outcome"]
+    assert outcome == f"proxy 127.0.0.1:{socks.port}: Username and password authentication failure", outcome
