@@ -16,7 +16,7 @@ import pytest
 
 from ccx_addon.config import ConfigError, Proxy, check_proxy_url, parse_config, resolve_proxy
 from ccx_addon.explain import explain_model, format_config_summary, format_explanation
-from chatclient import AUTH, ask, chat_flows, error_of, events, streamed_text
+from chatclient import AUTH, ask, chat_flows, error_of, events, health, streamed_text
 from conftest import PROXY_KEY, UPSTREAM_KEYS, channel, config
 from fakeupstream import FakeUpstream
 from gateway_process import start_gateway
@@ -148,6 +148,7 @@ def test_a_dead_proxy_fails_over_to_a_direct_channel(gateway, upstreams, scheme)
     gw = gateway(config(
         channel("proxied", up.url + "/v1", extra=f"proxy_url: {scheme}://127.0.0.1:{port}"),
         channel("direct", up.url + "/v1"),
+        top="circuit_breaker: {consecutive_failures: 2}\n",
     ))
     for stream in (False, True):
         response = chat_ok(gw, stream)
@@ -156,6 +157,9 @@ def test_a_dead_proxy_fails_over_to_a_direct_channel(gateway, upstreams, scheme)
     assert flow.metadata["ccx"]["attempts"][0]["outcome"] == f"proxy 127.0.0.1:{port} refused the connection"
     assert f"failover after proxied (proxied#1): proxy 127.0.0.1:{port} refused" in flow.comment
     assert len(up.received) == 2
+    # Two connection failures open the channel's circuit, as for a dead upstream.
+    assert health(gw)["proxied"]["circuit"] == "open"
+    assert chat_ok(gw).headers["x-ccx-attempts"] == "1"
 
 
 def test_the_proxy_environment_no_proxy_and_trust_env(upstreams, proxies, write_config, tmp_path):
