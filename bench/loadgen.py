@@ -3,8 +3,9 @@ process so it never shares an event loop (or a core's time slice) with what it m
 
 Usage: python bench/loadgen.py '<json spec>'; prints one JSON line with the results.
 Modes:
-  rps    {"port", "conns", "duration", "warmup", "body": "small"|"opencode"}
-         -> requests/s, latency percentiles (ms)
+  rps    {"port", "conns", "duration", "warmup", "body": "small"|"opencode", "session"}
+         -> requests/s, latency percentiles (ms); "session": "same" sends one x-session-id
+         on every request, "new" a new one on each (session affinity's two paths)
   count  {"port", "conns", "count", "body"}  -> exactly `count` requests
   sse    {"port", "events", "repeat", "pause_ms", "body"}
          -> time to first complete event and total time per stream (ms)
@@ -147,9 +148,27 @@ def pct(sorted_values, p):
     return sorted_values[k]
 
 
+class Requests:
+    """The request to send, each time: the same bytes, or with a new session id."""
+
+    def __init__(self, spec):
+        session = spec.get("session", "")
+        marker = "ses_bench00000000000000SESSION"
+        self.fixed = payloads.request_bytes(spec["port"], body_for(spec), session=marker if session else "")
+        self.count = 0
+        if session == "new":
+            self.before, self.after = self.fixed.split(marker.encode())
+
+    def next(self) -> bytes:
+        if not hasattr(self, "before"):
+            return self.fixed
+        self.count += 1
+        return self.before + b"ses_bench%021d" % self.count + self.after
+
+
 async def run_rps(spec):
     port, conns = spec["port"], spec["conns"]
-    request = payloads.request_bytes(port, body_for(spec))
+    requests = Requests(spec)
     clients = [await connect(port) for _ in range(conns)]
     start = now()
     measure_from = start + spec.get("warmup", 0.5)
@@ -166,7 +185,7 @@ async def run_rps(spec):
             if t0 >= stop_at:
                 return
             try:
-                status = await client.send(request)
+                status = await client.send(requests.next())
             except ResponseError as e:
                 errors[str(e)] = errors.get(str(e), 0) + 1
                 return

@@ -80,8 +80,9 @@ LAST_EVENTS = b"data: " + json.dumps({
 }, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def request_bytes(port: int, body: bytes, *, events: int = 0, pause_ms: int = 0) -> bytes:
-    """A complete keep-alive POST; `events` > 0 asks the fake upstream for an SSE answer."""
+def request_bytes(port: int, body: bytes, *, events: int = 0, pause_ms: int = 0, session: str = "") -> bytes:
+    """A complete keep-alive POST; `events` > 0 asks the fake upstream for an SSE answer;
+    `session` adds an `x-session-id` header as OpenCode sends it."""
     head = [
         "POST /v1/chat/completions HTTP/1.1",
         f"Host: 127.0.0.1:{port}",
@@ -92,4 +93,6 @@ def request_bytes(port: int, body: bytes, *, events: int = 0, pause_ms: int = 0)
         "User-Agent: ccx-bench" + (f" events={events}" if events else "") + (f" pause-ms={pause_ms}" if pause_ms else ""),
         f"Content-Length: {len(body)}",
     ]
+    if session:
+        head.append(f"x-session-id: {session}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body

@@ -4,8 +4,9 @@
 
 Starts a fast fake upstream (bench/upstream.py), bare mitmdump in reverse mode (once as is,
 once with a one-line addon that streams responses, for SSE), and the gateway
-(`mitmdump -s ccx_addon/addon.py`, two channels, the first healthy, with a model mapping),
-and the same gateway with the deepseek preset on those channels (column `preset`).
+(`mitmdump -s ccx_addon/addon.py`, two channels, the first healthy with a pool of three keys,
+with a model mapping), and the same gateway with the deepseek preset on those channels
+(column `preset`).
 Every figure comes from a separate load-generator process (bench/loadgen.py) and is the
 median over interleaved repetitions. Prints a table with gateway/bare ratios. Asserts
 nothing about speed; exits non-zero only when a request fails.
@@ -34,7 +35,7 @@ proxy_access_keys: ["bench-access-key"]
 channels:
   - name: primary
     base_url: http://127.0.0.1:{up}/v1
-    api_keys: ["sk-bench-primary-key"]
+    api_keys: ["sk-bench-primary-key", "sk-bench-primary-key-2", "sk-bench-primary-key-3"]
     model_mapping: {{"gpt-5": "bench-up"}}
   - name: backup
     base_url: http://127.0.0.1:{up}/v1
@@ -162,7 +163,7 @@ def main() -> int:
                     help="leave out the `preset` column (the gateway with the deepseek preset)")
     ap.add_argument("--repeat", type=int, help="repetitions of each figure (default 3, quick 1)")
     ap.add_argument("--duration", type=float, help="seconds per throughput figure (default 3, quick 1)")
-    ap.add_argument("--only", help="comma list of phases: requests,rps,sse,stream")
+    ap.add_argument("--only", help="comma list of phases: requests,rps,sse,stream,session")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -173,7 +174,7 @@ def main() -> int:
     counts = (500, 2000) if quick else (2000, 10000)
     stream_events = 20_000 if quick else 100_000
     sse_repeat = 10 if quick else 30
-    phases = set((args.only or "requests,rps,sse,stream").split(","))
+    phases = set((args.only or "requests,rps,sse,stream,session").split(","))
 
     # A safety net: never leave anything running for long.
     signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("benchmark took too long")))
@@ -272,6 +273,23 @@ def main() -> int:
                         i += 1
                     print(f"  rps: {body} c={conns} done", file=sys.stderr, flush=True)
 
+        if "session" in phases:
+            # Session affinity's cost: small requests, 1 client, without a session id, with
+            # the same one every time (bound key), and with a new one each (bind + evict).
+            kinds = ("none", "same", "new")
+            for r in range(repeat):
+                for cfg in rotate(gw, r):
+                    for kind in rotate(list(kinds), r):
+                        cpu0 = cpu_seconds(pids[cfg])
+                        out = loadgen({"mode": "rps", "port": ports[cfg], "conns": 1, "duration": duration,
+                                       "warmup": warmup, "body": "small",
+                                       "session": "" if kind == "none" else kind})
+                        cpu = cpu_seconds(pids[cfg]) - cpu0
+                        check(f"{cfg} session {kind}", out)
+                        record(f"session_{kind}_p50_ms", cfg, out["p50_ms"])
+                        record(f"session_{kind}_cpu_us", cfg, cpu / max(1, out["total"]) * 1e6)
+            print("  session done", file=sys.stderr, flush=True)
+
         if "sse" in phases:
             for r in range(repeat):
                 for cfg in rotate(sse_cfgs, r):
@@ -361,6 +379,9 @@ def print_table(results, gws, counts, stream_events) -> None:
             row(f"{desc} c={c} p50 ms", f"{body}_c{c}_p50_ms", "ms", "<=+1ms" if c == 1 else "", diff=(c == 1))
             row(f"{desc} c={c} p99 ms", f"{body}_c{c}_p99_ms", "ms")
             row(f"{desc} c={c} server CPU us/request", f"{body}_c{c}_cpu_us", "us")
+    for kind, desc in (("none", "no session id"), ("same", "one session id"), ("new", "a new session id each")):
+        row(f"small c=1, {desc}: p50 ms", f"session_{kind}_p50_ms", "ms")
+        row(f"small c=1, {desc}: CPU us/request", f"session_{kind}_cpu_us", "us")
     row("SSE 200 events: first event ms", "sse_first_ms", "ms", "<=+2ms", base="bare-stream", diff=True)
     row("SSE 200 events: total ms", "sse_total_ms", "ms", base="bare-stream")
     row("SSE, 100 ms pause: first event ms", "sse_pause_first_ms", "ms", "<100", base="bare-stream", diff=True)

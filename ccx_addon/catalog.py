@@ -131,7 +131,7 @@ class ModelCatalog:
             return None, "no usable key"
         headers = upstream_request_headers((), channel, channel.api_keys[usable[0]])
         try:
-            status, body = await self.client.get(channel.models_url, headers, FETCH_TIMEOUT, MAX_LIST_BYTES)
+            status, body = await self.client.get(channel, channel.models_url, headers, FETCH_TIMEOUT, MAX_LIST_BYTES)
         except UpstreamError as e:
             return None, e.reason
         if status != 200:

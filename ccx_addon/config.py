@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,79 @@ class BreakerSettings:
     max_backoff: float = 300.0
 
 
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+DIRECT = "direct"  # proxy_url: direct: no proxy, whatever the environment says
+
+
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+    """The proxy a channel's upstream requests go through. `url` may hold credentials:
+    show `display`, which masks the password."""
+
+    url: str = dataclasses.field(repr=False)
+    source: str = "proxy_url"  # or the environment variable it came from
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme.lower()
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 0
+
+    @property
+    def address(self) -> str:
+        """`host:port`, no credentials: how errors name the proxy."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def username(self) -> str:
+        return unquote(urlsplit(self.url).username or "")
+
+    @property
+    def password(self) -> str:
+        return unquote(urlsplit(self.url).password or "")
+
+    @property
+    def display(self) -> str:
+        """`http://user:***@host:port`: never the password (nor a lone token as user)."""
+        parts = urlsplit(self.url)
+        if parts.password is not None:
+            user = f"{parts.username}:***@"
+        elif parts.username:
+            user = "***@"
+        else:
+            user = ""
+        return f"{self.scheme}://{user}{self.address}"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The credential as it may appear anywhere: in the URL, decoded, and as the Basic
+        authorization the proxy is sent."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return tuple(s for s in {parts.username or "", self.username} if s)
+        basic = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return tuple(s for s in {parts.password, self.password, basic} if s)
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinitySettings:
+    """Session affinity: requests with a client session id stay on one key of a channel, so
+    the provider's prompt cache (per account or key) keeps hitting."""
+
+    enabled: bool = True
+    # Seconds since a session's last request after which its binding is forgotten.
+    ttl: float = 4 * 3600.0
+    # Sessions remembered at most; the least recently used is forgotten first.
+    max_sessions: int = 10_000
+
+
 @dataclasses.dataclass(frozen=True)
 class Channel:
     name: str
@@ -75,6 +149,13 @@ class Channel:
     stream_usage: bool = False
     preset: str = ""  # one of PRESET_NAMES, or "" for none (only `model` changes)
     cooldown: float = 60.0
+    # Keep a client session on one key (see AffinitySettings); the top-level setting unless
+    # the channel overrides it.
+    session_affinity: bool = True
+    # The proxy upstream requests go through (from proxy_url or the environment), None for
+    # a direct connection; `direct_because` says why a channel goes direct, for explain.
+    proxy: Proxy | None = None
+    direct_because: str = ""
     timeouts: Timeouts = Timeouts()
     # Why an enabled-looking channel cannot serve (e.g. its key env vars are all empty).
     inactive_reason: str = ""
@@ -118,6 +199,9 @@ class GatewayConfig:
     channels: tuple[Channel, ...] = ()
     breaker: BreakerSettings = BreakerSettings()
     max_attempts: int = 5
+    session_affinity: AffinitySettings = AffinitySettings()
+    # Channels without proxy_url follow HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY.
+    trust_env: bool = True
 
     @functools.cached_property
     def secrets(self) -> tuple[str, ...]:
@@ -127,6 +211,8 @@ class GatewayConfig:
         for channel in self.channels:
             keys.extend(channel.api_keys)
             keys.extend(channel_secrets(channel))
+            if channel.proxy is not None:
+                keys.extend(channel.proxy.secrets)
         # Longest first: a secret that contains another is masked whole.
         return tuple(sorted({k for k in keys if k}, key=len, reverse=True))
 
@@ -354,14 +440,18 @@ def check_base_url(url: str) -> str | None:
     return None
 
 
-_TOP_FIELDS = {"proxy_access_keys", "channels", "circuit_breaker", "max_attempts", "$schema"}
+_TOP_FIELDS = {
+    "proxy_access_keys", "channels", "circuit_breaker", "max_attempts", "$schema", "session_affinity",
+    "trust_env",
+}
 _CHANNEL_FIELDS = {
     "name", "base_url", "api_keys", "priority", "enabled", "supported_models",
     "model_mapping", "fallback", "auth_header", "headers", "stream_usage", "cooldown",
-    "timeouts", "preset", "list_upstream_models", "fixes",
+    "timeouts", "preset", "list_upstream_models", "fixes", "session_affinity", "proxy_url",
 }
 _TIMEOUT_FIELDS = {f.name for f in dataclasses.fields(Timeouts)}
 _BREAKER_FIELDS = {f.name for f in dataclasses.fields(BreakerSettings)}
+_AFFINITY_FIELDS = {f.name for f in dataclasses.fields(AffinitySettings)}
 
 
 def _proxy_access_keys(check, top, environ: Mapping[str, str], source: str) -> list[str]:
@@ -432,13 +522,51 @@ def parse_config(
     if "max_attempts" in top:
         max_attempts = check.number("max_attempts", top["max_attempts"], integer=True, minimum=1)
 
+    affinity = _parse_affinity(check, top.get("session_affinity"))
+    channels = _apply_affinity(check, channel_items, channels, affinity)
+    trust_env = check.boolean("trust_env", top["trust_env"]) if "trust_env" in top else True
+    channels = _apply_proxies(check, channel_items, channels, environ if trust_env else None)
     return GatewayConfig(
         source=source,
         proxy_access_keys=tuple(access_keys),
         channels=tuple(sorted(channels, key=lambda c: c.priority)),
         breaker=breaker,
         max_attempts=max_attempts,
+        session_affinity=affinity,
+        trust_env=trust_env,
     )
+
+
+def _parse_affinity(check: _Validator, item: _Located | None) -> AffinitySettings:
+    """Top-level `session_affinity`: true/false, or a mapping with `enabled`, `ttl` (seconds)
+    and `max_sessions`."""
+    if item is None:
+        return AffinitySettings()
+    if not isinstance(item.value, dict):
+        return AffinitySettings(enabled=check.boolean("session_affinity", item))
+    fields = check.mapping("session_affinity", item, _AFFINITY_FIELDS)
+    values: dict[str, Any] = {}
+    if "enabled" in fields:
+        values["enabled"] = check.boolean("session_affinity.enabled", fields["enabled"])
+    if "ttl" in fields:
+        values["ttl"] = check.number("session_affinity.ttl", fields["ttl"], minimum=1)
+    if "max_sessions" in fields:
+        values["max_sessions"] = check.number(
+            "session_affinity.max_sessions", fields["max_sessions"], integer=True, minimum=1)
+    return AffinitySettings(**values)
+
+
+def _apply_affinity(
+    check: _Validator, items: _Located, channels: list[Channel], affinity: AffinitySettings
+) -> list[Channel]:
+    """Each channel's `session_affinity` (true/false) overrides the top-level setting."""
+    resolved = []
+    for index, (item, channel) in enumerate(zip(items.value, channels)):
+        own = item.value.get("session_affinity")
+        enabled = affinity.enabled if own is None else check.boolean(
+            f"channels[{index}].session_affinity", own)
+        resolved.append(dataclasses.replace(channel, session_affinity=enabled))
+    return resolved
 
 
 def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> Channel:
@@ -670,6 +798,109 @@ def _parse_clamps(check: _Validator, path: str, item: _Located) -> tuple[tuple[s
             raise check.fail(f"{path}.{param}", sub, "min is larger than max")
         clamps.append((param, Clamp(low, high)))
     return tuple(clamps)
+
+
+# --- upstream proxies ----------------------------------------------------------------------
+
+
+def check_proxy_url(url: str) -> str | None:
+    """Why `url` cannot be a proxy URL, or None when it can. Never quotes the URL."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in PROXY_SCHEMES:
+        return "must start with http://, https://, socks5:// or socks5h:// (or be direct)"
+    if not parts.hostname:
+        return "has no host"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has an invalid port"
+    if port is None:
+        return "has no port (write scheme://host:port)"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must be scheme://[user:password@]host:port, without a path"
+    return None
+
+
+def environment_proxies(environ: Mapping[str, str]) -> dict[str, str]:
+    """`*_proxy` variables as urllib.request.getproxies_environment reads them (lower case
+    wins over upper case), from `environ` instead of the process environment."""
+    proxies: dict[str, str] = {}
+    for name, value in environ.items():
+        if value and name.lower().endswith("_proxy"):
+            proxies[name.lower()[:-6]] = value
+    if "REQUEST_METHOD" in environ:  # CGI: HTTP_PROXY may come from a request header
+        proxies.pop("http", None)
+    for name, value in environ.items():
+        if name.endswith("_proxy"):
+            if value:
+                proxies[name[:-6]] = value
+            else:
+                proxies.pop(name[:-6], None)
+    return proxies
+
+
+def _env_name(environ: Mapping[str, str], kind: str) -> str:
+    """The variable a proxy setting came from, as written (https_proxy or HTTPS_PROXY)."""
+    lower = f"{kind}_proxy"
+    return lower if environ.get(lower) else lower.upper()
+
+
+def resolve_proxy(
+    base_url: str, proxy_url: str | None, environ: Mapping[str, str] | None
+) -> tuple[Proxy | None, str]:
+    """The proxy for a channel and, when there is none, why. `proxy_url` wins (`direct`
+    forces no proxy); else, with `environ` (trust_env), the scheme's *_PROXY, then
+    ALL_PROXY, unless NO_PROXY names the host (urllib's rules). ValueError names a broken
+    environment variable."""
+    if proxy_url == DIRECT:
+        return None, "proxy_url: direct"
+    if proxy_url:
+        return Proxy(proxy_url), ""
+    if environ is None:
+        return None, "trust_env: false"
+    proxies = environment_proxies(environ)
+    upstream = urlsplit(base_url)
+    for kind in (upstream.scheme, "all"):
+        if url := proxies.get(kind, "").strip():
+            break
+    else:
+        return None, ""
+    host = upstream.hostname or ""
+    if "no" in proxies and urllib.request.proxy_bypass_environment(
+        f"{host}:{upstream.port}" if upstream.port else host, proxies
+    ):
+        return None, f"{_env_name(environ, 'no')} matches {host}"
+    if "://" not in url:
+        url = "http://" + url  # as requests and curl read HTTPS_PROXY=host:port
+    name = _env_name(environ, kind)
+    if problem := check_proxy_url(url):
+        raise ValueError(f"environment variable {name} (the proxy for {host}) {problem}")
+    return Proxy(url, name), ""
+
+
+def _apply_proxies(
+    check: _Validator, items: _Located, channels: list[Channel], environ: Mapping[str, str] | None
+) -> list[Channel]:
+    """Each channel's `proxy_url`, or the proxy environment (None with trust_env: false)."""
+    resolved = []
+    for index, (item, channel) in enumerate(zip(items.value, channels)):
+        path, written = f"channels[{index}].proxy_url", item.value.get("proxy_url")
+        proxy_url = None
+        if written is not None:
+            proxy_url = check.string(path, written, secret=True).strip() or None
+            if channel.is_echo and proxy_url:
+                raise check.fail(path, written, "the echo: channel takes no proxy")
+            if proxy_url and proxy_url != DIRECT and (problem := check_proxy_url(proxy_url)):
+                raise check.fail(path, written, problem)
+        if channel.is_echo:
+            resolved.append(channel)
+            continue
+        try:
+            proxy, because = resolve_proxy(channel.base_url, proxy_url, environ)
+        except ValueError as e:
+            raise check.fail(f"channels[{index}]", item, f"{e} (or set proxy_url, or trust_env: false)") from None
+        resolved.append(dataclasses.replace(channel, proxy=proxy, direct_because=because))
+    return resolved
 
 
 def load_config(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> GatewayConfig:

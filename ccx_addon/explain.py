@@ -12,7 +12,7 @@ import time
 
 from mitmproxy import command
 
-from .config import Channel, GatewayConfig, url_without_credentials
+from .config import AffinitySettings, Channel, GatewayConfig, url_without_credentials
 from .fixes import describe as describe_fixes
 from .rewrite import fixes_for
 from .routing import listed_models, map_model, plan_routes
@@ -42,6 +42,7 @@ class Explanation:
     model: str
     verdicts: tuple[ChannelVerdict, ...]  # in priority order
     max_attempts: int
+    affinity: AffinitySettings = AffinitySettings()
 
     @property
     def candidates(self) -> list[ChannelVerdict]:
@@ -59,7 +60,7 @@ def explain_model(config: GatewayConfig, model: str) -> Explanation:
             channel, positions.get(channel.name), reasons.get(channel.name, ""),
             mapped.upstream_model, mapped.rule,
         ))
-    return Explanation(model, tuple(verdicts), config.max_attempts)
+    return Explanation(model, tuple(verdicts), config.max_attempts, config.session_affinity)
 
 
 def describe_mapping(model: str, verdict: ChannelVerdict) -> str:
@@ -96,22 +97,57 @@ def format_explanation(explanation: Explanation, health: dict | None = None) -> 
         lines.append(f"  {'':{11 + width}}  → {verdict.url}")
         if fixes := fixes_lines(verdict):
             lines.extend(f"  {'':{11 + width}}  {line}" for line in fixes)
+        if route := describe_proxy(verdict.channel):
+            lines.append(f"  {'':{11 + width}}  {route}")
         if health and (state := health.get(verdict.channel.name)):
             if state.get("circuit") not in (None, "closed"):
                 lines.append(f"  {'':{11 + width}}  now: circuit {state['circuit']}")
             resting = [k["key"] for k in state.get("keys", ()) if k.get("disabled") or k.get("cooling_for_s")]
             if resting:
                 lines.append(f"  {'':{11 + width}}  now: resting keys {', '.join(resting)}")
+            bound = [f"{k['key']} {k['sessions']}" for k in state.get("keys", ()) if k.get("sessions")]
+            if bound:
+                lines.append(f"  {'':{11 + width}}  now: sessions bound {', '.join(bound)}")
     candidates = explanation.candidates
     if not candidates:
         lines.append(f"No channel serves {model!r}: a request gets 404 model_not_found.")
     else:
+        lines.append(describe_affinity(explanation))
         order = ", then ".join(f"{v.channel.name} ({v.upstream_model})" for v in candidates)
         lines.append(
             f"A request is sent to {order}; it moves on after connection errors, timeouts, "
             f"408/429/5xx, with at most {explanation.max_attempts} upstream requests."
         )
     return "\n".join(lines)
+
+
+def describe_affinity(explanation: Explanation) -> str:
+    """One sentence on session affinity for the candidates of a model."""
+    candidates = [v.channel for v in explanation.candidates]
+    sticky = [c.name for c in candidates if c.session_affinity and len(c.api_keys) > 1]
+    off = [c.name for c in candidates if not c.session_affinity and len(c.api_keys) > 1]
+    if not sticky:
+        why = "off" if off else "no candidate has more than one key"
+        return f"Session affinity: {why}; keys are used round robin."
+    settings = explanation.affinity
+    text = (
+        f"Session affinity: a request with x-session-id (or x-session-affinity) stays on one key "
+        f"of {', '.join(sticky)} while that key is healthy, and moves once when it is not "
+        f"(bindings last {settings.ttl / 3600:g}h after a session's last request, at most "
+        f"{settings.max_sessions} sessions); requests without one rotate the keys."
+    )
+    return text + (f" Off for {', '.join(off)}." if off else "")
+
+
+def describe_proxy(channel: Channel) -> str:
+    """Which proxy a channel's requests go through, credentials masked; "" for a plain
+    direct connection."""
+    if channel.is_echo:
+        return ""
+    if channel.proxy is not None:
+        source = "proxy_url" if channel.proxy.source == "proxy_url" else f"from {channel.proxy.source}"
+        return f"via proxy {channel.proxy.display} ({source})"
+    return f"direct ({channel.direct_because})" if channel.direct_because else ""
 
 
 def describe_channel(channel: Channel) -> str:
@@ -122,8 +158,12 @@ def describe_channel(channel: Channel) -> str:
     else:
         state = "active"
     facts = [state, "echo: built-in" if channel.is_echo else url_without_credentials(channel.chat_url)]
+    if route := describe_proxy(channel):
+        facts.append(route)
     if channel.api_keys:
         facts.append(f"{len(channel.api_keys)} key(s)")
+        if len(channel.api_keys) > 1 and not channel.session_affinity:
+            facts.append("session affinity off")
     if channel.headers:
         # Names only: header values are treated as secrets (README, "Secrets").
         facts.append("headers: " + ", ".join(name for name, _ in channel.headers))

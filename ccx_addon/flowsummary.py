@@ -172,6 +172,8 @@ class Verdict:
     failed: bool
     rejected: str = ""  # the gateway's error code when it answered itself
     fixes: str = ""  # the request fixes the serving attempt got (presets, channel fixes)
+    affinity: str = ""  # session affinity's key choice, e.g. "→ pool#2 (new)"
+    proxy: str = ""  # the serving channel's proxy, credentials masked
 
 
 def tries_of(record: FlowRecord) -> list:
@@ -217,7 +219,14 @@ def judge(record: FlowRecord, status: int | None, error: str = "") -> Verdict | 
     else:
         marker = ""
     return Verdict(served_by, models, attempts, f"{status}{stream}" + (" failed" if failed else ""), problems, marker, failed,
-                   fixes=", ".join(result.fixes))
+                   fixes=", ".join(result.fixes),
+                   affinity=result.affinity, proxy=proxy_of(result))
+
+
+def proxy_of(result) -> str:
+    """The serving channel's proxy as shown (`http://user:***@host:port`), or ""."""
+    proxy = result.route.channel.proxy if result.route is not None else None
+    return proxy.display if proxy is not None else ""
 
 
 def comment_for(
@@ -239,8 +248,14 @@ def comment_for(
         parts += verdict.problems
         parts += format_timing(timing, stream)
         parts += [format_tokens(usage)] if usage else []
-    parts += [f"session {session}"] if session else []
+    parts += [f"proxy {verdict.proxy}"] if verdict.proxy else []
+    parts += [_session_part(session, verdict)] if session else []
     return " | ".join(p for p in parts if p)
+
+
+def _session_part(session: str, verdict: Verdict) -> str:
+    """`session 3f2a9c1d`, plus the key session affinity chose: `→ pool#2 (new)`."""
+    return f"session {session} {verdict.affinity}" if verdict.affinity else f"session {session}"
 
 
 def summary_line(
@@ -253,7 +268,7 @@ def summary_line(
     if verdict.models:
         head += f" {verdict.models}"
     if verdict.served_by:
-        head += f" via {verdict.served_by}"
+        head += f" via {verdict.served_by}" + (f" through proxy {verdict.proxy}" if verdict.proxy else "")
     answer = [verdict.status + (f" {verdict.rejected}" if verdict.rejected else "")]
     answer += list(verdict.problems)
     if not verdict.rejected:
@@ -263,5 +278,5 @@ def summary_line(
     if verdict.attempts and (verdict.attempts != "attempt 1/1"):
         line += f"; {verdict.attempts}"
     if session:
-        line += f" [session {session}]"
+        line += f" [{_session_part(session, verdict)}]"
     return line

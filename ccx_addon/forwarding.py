@@ -14,7 +14,7 @@ from .caps import LearnedCaps, announced_cap, apply_cap, requested_output
 from .config import Channel, GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
-from .health import HealthRegistry, KeyPool
+from .health import HealthRegistry, KeyPool, SessionChoice
 from .reasoning import ReasoningCache
 from .redact import scrub_text
 from .rewrite import build_attempt_body
@@ -68,6 +68,9 @@ class ForwardResult:
     origin: str = "upstream"
     # Body bytes of `stream` already read to judge its first event: sent first.
     stream_first: bytes = b""
+    # Session affinity: how the last key was chosen for the client's session, e.g.
+    # "→ pool#2", "→ pool#2 (new)", "→ pool#3 (moved from pool#2: cooling)"; "" without one.
+    affinity: str = ""
 
     @property
     def fixes(self) -> tuple[str, ...]:
@@ -119,6 +122,7 @@ class AttemptRun:
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
     caps: LearnedCaps = dataclasses.field(default_factory=LearnedCaps)
     reasoning: ReasoningCache | None = None  # what upstreams reasoned, for passback (presets)
+    session: SessionChoice | None = None  # the client session's key bindings (affinity)
     last_answer: ForwardResult | None = None
     soonest_retry: float | None = None
     any_timeout: bool = False
@@ -165,10 +169,12 @@ class Forwarder:
         request: ChatRequest,
         raw_body: bytes,
         client_headers: Iterable[tuple[str, str]],
+        session: SessionChoice | None = None,
     ) -> ForwardResult:
+        """`session`: the client session's key bindings (session affinity), or None."""
         run = AttemptRun(
             config, health, plan, request, raw_body, list(client_headers), config.max_attempts, caps=self.caps,
-            reasoning=self.reasoning,
+            reasoning=self.reasoning, session=session,
         )
         for route in plan.routes:
             if (served := await self.try_channel(run, route)) is not None:
@@ -210,7 +216,7 @@ class Forwarder:
         """The channel's next usable key, or None (recorded as a skip when the channel had
         no try of its own: after tries, the channel needs no excuse)."""
         pool = run.health.pools[route.channel.name]
-        index, why_not = pool.pick(time.time(), tried)
+        index, why_not = pool.pick(time.time(), tried, run.session)
         if index is None:
             if not tried:
                 run.skip(route, why_not, pool.soonest_ready(time.time()))

@@ -17,6 +17,7 @@ from .access import model_not_found_message, reject
 from .body import BodyError, parse_chat_request
 from .encodings import StreamDecoder, encodings_of
 from .errors import display_text
+from .flowsummary import SESSION_HEADERS
 from .forwarding import Attempt, Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
@@ -46,6 +47,25 @@ def freeze_startup_objects() -> None:
         _gc_frozen = True
         gc.collect()
         gc.freeze()
+
+
+_SESSION_FIELDS = tuple(name.encode() for name in SESSION_HEADERS)
+
+
+def client_session_id(headers: http.Headers) -> str:
+    """The client's whole session id (`x-session-id`, else `x-session-affinity`), which binds
+    the session to a key. Only its short label is ever shown. One pass over the raw fields:
+    `headers.get` of an absent name raises and catches a KeyError inside, and two of those
+    cost ~8 µs, which every request without a session id would pay (bench/affinity.py)."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers.fields:
+        name = name.lower()
+        if name in _SESSION_FIELDS:
+            found.setdefault(name, value)
+    for name in _SESSION_FIELDS:
+        if value := found.get(name, b"").strip():
+            return value.decode("utf-8", "surrogateescape")
+    return ""
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:
@@ -138,9 +158,10 @@ class ChatGateway:
         # Forward in this task; the client watch cancels it if the client leaves meanwhile.
         task = asyncio.current_task()
         self.client_watch.add(task, flow, record)
+        session = health.session_choice(client_session_id(flow.request.headers), time.time())
         try:
             result = await self.forwarder.forward(
-                config, health, plan, chat, body, flow.request.headers.items(multi=True),
+                config, health, plan, chat, body, flow.request.headers.items(multi=True), session,
             )
         except asyncio.CancelledError:
             if not record.client_gone:
@@ -152,6 +173,8 @@ class ChatGateway:
             self.client_watch.discard(task)
         # Channels left out for the request's images show in the attempt record.
         result.attempts[:0] = [Attempt(name, "-", model, f"skipped: {why}") for name, model, why in image_skips]
+        if session is not None:
+            result.affinity = session.note
         record.result = result
         self.show_upstream_request(flow, result, config.secrets)
         transforms = self.capture_reasoning(result)

@@ -5,8 +5,9 @@ Pure state machines driven by an explicit `now`, so tests step time instead of s
 
 import collections
 import dataclasses
+import hashlib
 
-from .config import BreakerSettings, Channel, GatewayConfig
+from .config import AffinitySettings, BreakerSettings, Channel, GatewayConfig
 
 
 @dataclasses.dataclass
@@ -24,8 +25,19 @@ class KeyPool:
         self.states = [KeyState() for _ in channel.api_keys or ("",)]
         self._next = 0
 
-    def pick(self, now: float, tried: set[int]) -> tuple[int | None, str]:
-        """The next usable key index, or None and why none is usable."""
+    def pick(
+        self, now: float, tried: set[int], session: "SessionChoice | None" = None
+    ) -> tuple[int | None, str]:
+        """The next usable key index, or None and why none is usable. With a `session`, its
+        bound key while that key is usable; otherwise the next key in rotation, which the
+        session is then bound to (so new sessions spread over the pool)."""
+        if session is not None and self.sticky:
+            return self._pick_for_session(now, tried, session)
+        if session is not None:
+            session.note = ""
+        return self._rotate(now, tried)
+
+    def _rotate(self, now: float, tried: set[int]) -> tuple[int | None, str]:
         count = len(self.states)
         for step in range(count):
             index = (self._next + step) % count
@@ -35,6 +47,42 @@ class KeyPool:
             self._next = (index + 1) % count
             return index, ""
         return None, self.describe_unusable(now, tried)
+
+    def _pick_for_session(self, now: float, tried: set[int], session: "SessionChoice") -> tuple[int | None, str]:
+        name = self.channel.name
+        bound = session.bound(name)
+        why_left = ""
+        if bound is not None and bound < len(self.states):
+            why_left = self.unusable_because(bound, now, tried)
+            if not why_left:
+                session.note = f"→ {self.channel.key_label(bound)}"
+                return bound, ""
+        index, why_not = self._rotate(now, tried)
+        if index is None:
+            return None, why_not
+        session.bind(name, index)
+        label = self.channel.key_label(index)
+        if why_left:
+            session.note = f"→ {label} (moved from {self.channel.key_label(bound)}: {why_left})"
+        else:
+            session.note = f"→ {label} (new)"
+        return index, ""
+
+    @property
+    def sticky(self) -> bool:
+        """Whether sessions are bound to keys here: affinity on, and a choice to make."""
+        return self.channel.session_affinity and len(self.states) > 1
+
+    def unusable_because(self, index: int, now: float, tried: set[int]) -> str:
+        """Why key `index` cannot take a request now, in a word or two; "" when it can."""
+        state = self.states[index]
+        if state.disabled:
+            return "disabled"
+        if state.cooling_until > now:
+            return "cooling"
+        if index in tried:
+            return "failed"
+        return ""
 
     def describe_unusable(self, now: float, tried: set[int]) -> str:
         reasons = []
@@ -61,6 +109,125 @@ class KeyPool:
 
     def disable(self, index: int, reason: str) -> None:
         self.states[index].disabled = reason
+
+
+class SessionBindings:
+    """Which key each client session is bound to, per channel: session id -> {channel name:
+    key index}. Bounded: a binding is forgotten `ttl` seconds after the session's last
+    request, and beyond `max_sessions` the least recently used session goes first. The
+    dict's order is the order of last use, so expired sessions are always at its front."""
+
+    # Longer ids are stored as their SHA-256: a client-chosen header must not decide how much
+    # memory one binding takes.
+    MAX_ID_LENGTH = 128
+
+    def __init__(self, settings: AffinitySettings) -> None:
+        self.settings = settings
+        self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+        # Sessions per (channel, key index), kept as bindings change: counting 10,000
+        # sessions for every /health call took ~7 ms.
+        self._counts: collections.Counter[tuple[str, int]] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def choice(self, session_id: str, now: float) -> "SessionChoice":
+        """The binding of one request's session (created on its first bind)."""
+        if len(session_id) > self.MAX_ID_LENGTH:
+            session_id = "sha256:" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
+        entry = self._sessions.get(session_id)
+        if entry is not None:
+            if now - entry.seen > self.settings.ttl:
+                self._drop(self._sessions.pop(session_id))
+                entry = None
+            else:
+                entry.seen = now
+                self._sessions.move_to_end(session_id)
+        return SessionChoice(self, session_id, entry, now)
+
+    def _store(self, session_id: str, entry: "_Session") -> None:
+        sessions = self._sessions
+        sessions[session_id] = entry
+        self._forget_old(entry.seen)
+
+    def _forget_old(self, now: float) -> None:
+        sessions, ttl = self._sessions, self.settings.ttl
+        while len(sessions) > self.settings.max_sessions:
+            self._drop(sessions.popitem(last=False)[1])
+        while sessions:
+            oldest = next(iter(sessions.values()))
+            if now - oldest.seen <= ttl:
+                break
+            self._drop(sessions.popitem(last=False)[1])
+
+    def _drop(self, entry: "_Session") -> None:
+        for binding in entry.keys.items():
+            self._counts[binding] -= 1
+
+    def _bind(self, entry: "_Session", channel: str, index: int) -> None:
+        old = entry.keys.get(channel)
+        if old is not None:
+            self._counts[(channel, old)] -= 1
+        entry.keys[channel] = index
+        self._counts[(channel, index)] += 1
+
+    def counts(self) -> collections.Counter:
+        """How many sessions each (channel, key index) holds."""
+        return self._counts.copy()
+
+    def carried_over(self, settings: AffinitySettings, pools: dict[str, KeyPool],
+                     old_pools: dict[str, KeyPool]) -> "SessionBindings":
+        """A copy for a reloaded config: bindings whose channel and key (the key itself, not
+        its position) still exist, remapped to the new positions; least recently used first."""
+        new = SessionBindings(settings)
+        moved: dict[tuple[str, int], int] = {}
+        for name, pool in pools.items():
+            old_pool = old_pools.get(name)
+            if old_pool is None or not pool.channel.api_keys:
+                continue
+            position = {key: i for i, key in enumerate(pool.channel.api_keys)}
+            for old_index, key in enumerate(old_pool.channel.api_keys):
+                if key in position:
+                    moved[(name, old_index)] = position[key]
+        for session_id, entry in self._sessions.items():
+            keys = {c: moved[(c, i)] for c, i in entry.keys.items() if (c, i) in moved}
+            if keys:
+                new._sessions[session_id] = _Session(entry.seen, keys)
+                new._counts.update(keys.items())
+        new._forget_old(max((e.seen for e in new._sessions.values()), default=0.0))
+        return new
+
+
+class _Session:
+    __slots__ = ("seen", "keys")
+
+    def __init__(self, seen: float, keys: dict[str, int]) -> None:
+        self.seen = seen
+        self.keys = keys
+
+
+class SessionChoice:
+    """One request's view of its session's bindings. `note` says what the last key choice
+    did, for the flow comment: `→ pool#2`, `→ pool#2 (new)`, `→ pool#3 (moved from pool#2:
+    cooling)`."""
+
+    __slots__ = ("store", "session_id", "entry", "now", "note")
+
+    def __init__(self, store: SessionBindings, session_id: str, entry: _Session | None, now: float) -> None:
+        self.store = store
+        self.session_id = session_id
+        self.entry = entry
+        self.now = now
+        self.note = ""
+
+    def bound(self, channel: str) -> int | None:
+        return None if self.entry is None else self.entry.keys.get(channel)
+
+    def bind(self, channel: str, index: int) -> None:
+        if self.entry is None:
+            self.entry = _Session(self.now, {})
+            self.store._store(self.session_id, self.entry)
+        self.store._bind(self.entry, channel, index)
 
 
 class CircuitBreaker:
@@ -146,8 +313,14 @@ class HealthRegistry:
     def __init__(self, config: GatewayConfig, previous: "HealthRegistry | None" = None) -> None:
         self.pools = {c.name: KeyPool(c) for c in config.channels}
         self.breakers = {c.name: CircuitBreaker(config.breaker) for c in config.channels}
+        self.sessions = SessionBindings(config.session_affinity)
         if previous is not None:
             self._carry_over(previous)
+            self.sessions = previous.sessions.carried_over(config.session_affinity, self.pools, previous.pools)
+
+    def session_choice(self, session_id: str, now: float) -> SessionChoice | None:
+        """The request's session binding, or None without a session id."""
+        return self.sessions.choice(session_id, now) if session_id else None
 
     def _carry_over(self, previous: "HealthRegistry") -> None:
         """Keep what a reload must not forget: cooldowns of keys still configured (an
@@ -172,6 +345,7 @@ class HealthRegistry:
     def snapshot(self, now: float) -> dict[str, dict]:
         """Non-secret health state per channel, for /health and `ccx.explain`."""
         out = {}
+        sessions = self.sessions.counts()
         for name, pool in self.pools.items():
             breaker = self.breakers[name]
             out[name] = {
@@ -181,6 +355,7 @@ class HealthRegistry:
                         "key": pool.channel.key_label(i),
                         "disabled": s.disabled or None,
                         "cooling_for_s": round(s.cooling_until - now, 1) if s.cooling_until > now else 0,
+                        "sessions": sessions[(name, i)],
                     }
                     for i, s in enumerate(pool.states)
                 ],

@@ -7,15 +7,18 @@ reaches the client; see shared/notes/mitmproxy.md, "Failover: the limit".
 
 import asyncio
 import email.utils
+import errno
+import json
 import os
 import time
 from collections.abc import Iterable
 
 import aiohttp
 
-from .config import Channel
-from .verdicts import Verdict, judge_answer  # noqa: F401 (re-exported)
+from .config import Channel, Proxy
 from .encodings import DecodeError, decode_body, unsupported_encoding
+from .redact import scrub_text
+from .verdicts import Verdict, judge_answer  # noqa: F401 (re-exported)
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -135,23 +138,70 @@ async def read_chunk(response: aiohttp.ClientResponse, timeout: float | None) ->
                 raise
 
 
+def _new_session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        # Proxies are decided per channel by the config (proxy_url, or the proxy
+        # environment unless trust_env: false), never by aiohttp on its own.
+        trust_env=False,
+    )
+
+
 class UpstreamClient:
-    """One pooled aiohttp session on mitmproxy's event loop."""
+    """One pooled aiohttp session on mitmproxy's event loop, plus one per SOCKS proxy
+    (aiohttp speaks HTTP proxies itself; SOCKS needs aiohttp-socks' connector)."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._socks_sessions: dict[str, aiohttp.ClientSession] = {}
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                # Upstreams are reached directly: an ambient HTTP(S)_PROXY must not
-                # silently reroute requests that carry provider keys.
-                trust_env=False,
-            )
+            self._session = _new_session(aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
         return self._session
+
+    def connection_for(self, proxy: Proxy | None) -> tuple[aiohttp.ClientSession, str | None]:
+        """The session to send a channel's requests with and the `proxy=` argument for it.
+        Every request of a channel (chat, models) goes through here."""
+        if proxy is None or proxy.scheme in ("http", "https"):
+            return self._ensure_session(), None if proxy is None else proxy.url
+        session = self._socks_sessions.get(proxy.url)
+        if session is None or session.closed:
+            from aiohttp_socks import ProxyConnector, ProxyType  # only once a SOCKS proxy is used
+
+            session = self._socks_sessions[proxy.url] = _new_session(ProxyConnector(
+                host=proxy.host, port=proxy.port,
+                proxy_type=ProxyType.SOCKS5, username=proxy.username or None,
+                password=proxy.password or None, rdns=proxy.scheme == "socks5h", limit=0,
+            ))
+        return session, None
+
+    async def post_via(
+        self, channel: Channel, url: str, **kwargs
+    ) -> aiohttp.ClientResponse:
+        """`session.post` through the channel's proxy, if any. A proxy that cannot be
+        reached or refuses the request is an UpstreamError that names the proxy (never its
+        credentials), so a user can tell a proxy problem from a provider problem."""
+        proxy = channel.proxy
+        session, proxy_arg = self.connection_for(proxy)
+        if proxy is None:
+            return await session.post(url, **kwargs)
+        try:
+            response = await session.post(url, proxy=proxy_arg, **kwargs)
+        except aiohttp.ClientHttpProxyError as e:  # CONNECT answered with an error
+            raise UpstreamError(proxy_refusal(proxy, e.status)) from None
+        except aiohttp.ClientProxyConnectionError as e:
+            raise UpstreamError(proxy_unreachable(proxy, e.os_error)) from None
+        except Exception as e:
+            if (reason := socks_failure(proxy, e)) is None:
+                raise
+            raise UpstreamError(*reason) from None
+        if response.status == 407:  # a plain-HTTP upstream: the proxy answers in its place
+            response.release()
+            raise UpstreamError(proxy_refusal(proxy, 407))
+        return response
 
     async def open(
         self, channel: Channel, headers: dict[str, str], body: bytes,
@@ -168,19 +218,18 @@ class UpstreamClient:
         else:
             limit = timeouts.response_headers
             expired = f"no response headers within {limit:g}s" if limit is not None else ""
-        session = self._ensure_session()
-        response = await self._post(session, channel, headers, body, limit, expired)
+        response = await self._post(channel, headers, body, limit, expired)
         if problem := unsupported_encoding(response.headers.get("content-encoding")):
             response.close()
             raise UpstreamError(problem)
         return response
 
-    @staticmethod
-    async def _post(session, channel: Channel, headers, body: bytes, limit, expired: str) -> aiohttp.ClientResponse:
+    async def _post(self, channel: Channel, headers, body: bytes, limit, expired: str) -> aiohttp.ClientResponse:
         timeouts = channel.timeouts
         try:
             async with asyncio.timeout(limit):
-                return await session.post(
+                return await self.post_via(
+                    channel,
                     channel.chat_url,
                     data=body,
                     headers=headers,
@@ -236,13 +285,15 @@ class UpstreamClient:
         finally:
             response.release()
 
-    async def get(self, url: str, headers: dict[str, str], timeout: float, limit: int) -> tuple[int, bytes]:
-        """A small GET (an upstream's /models list): status and body, within `timeout`
-        seconds and `limit` bytes, or UpstreamError."""
-        session = self._ensure_session()
+    async def get(
+        self, channel: Channel, url: str, headers: dict[str, str], timeout: float, limit: int,
+    ) -> tuple[int, bytes]:
+        """A small GET (an upstream's /models list) through the channel's proxy, if any:
+        status and body, within `timeout` seconds and `limit` bytes, or UpstreamError."""
+        session, proxy_arg = self.connection_for(channel.proxy)
         try:
             async with asyncio.timeout(timeout):
-                async with session.get(url, headers=headers, allow_redirects=False) as response:
+                async with session.get(url, headers=headers, allow_redirects=False, proxy=proxy_arg) as response:
                     body = await response.content.read(limit + 1)
                     if len(body) > limit:
                         raise UpstreamError(f"response body larger than {limit} bytes")
@@ -256,6 +307,43 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        for session in self._socks_sessions.values():
+            await session.close()
+        self._socks_sessions.clear()
+
+
+# --- proxy failures --------------------------------------------------------------------------
+
+
+def proxy_refusal(proxy: Proxy, status: int) -> str:
+    if status == 407:
+        return (f"proxy {proxy.address} answered 407: proxy authentication required "
+                f"(check the user and password in the channel's proxy URL)")
+    return f"proxy {proxy.address} answered {status}"
+
+
+def proxy_unreachable(proxy: Proxy, error: BaseException | None) -> str:
+    code = getattr(error, "errno", None)
+    if code == errno.ECONNREFUSED:
+        return f"proxy {proxy.address} refused the connection"
+    text = (os.strerror(code) if code else None) or scrub_text(str(error or ""), proxy.secrets)
+    return f"proxy {proxy.address} unreachable: {text or 'connection failed'}"
+
+
+def socks_failure(proxy: Proxy, error: Exception) -> tuple[str, bool] | None:
+    """(reason, timeout) for an error of aiohttp-socks or python-socks, else None."""
+    module = type(error).__module__ or ""
+    if not module.startswith(("aiohttp_socks", "python_socks")):
+        return None
+    message = scrub_text(str(error), proxy.secrets)
+    name = type(error).__name__
+    if name == "ProxyTimeoutError":
+        return f"proxy {proxy.address} did not answer in time", True
+    if name == "ProxyConnectionError":
+        # aiohttp-socks re-raises python-socks' error, an OSError with the errno.
+        cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+        return proxy_unreachable(proxy, cause if isinstance(cause, OSError) else None), False
+    return f"proxy {proxy.address}: {message}", False
 
 
 def _os_reason(error: aiohttp.ClientConnectorError) -> str:

@@ -1,3 +1,4 @@
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -12,6 +13,15 @@ from harness import InProcessGateway, SubprocessGateway  # noqa: E402
 
 PROXY_KEY = "pk-test-proxy-key-7f3a9"
 UPSTREAM_KEYS = ("sk-up-alpha-0c1d2e", "sk-up-beta-9a8b7c", "sk-up-gamma-5e6f7a")
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_environment(monkeypatch):
+    """Tests talk to 127.0.0.1 only: a developer's HTTP(S)_PROXY must not reroute them (the
+    gateway follows the proxy environment; test_proxy.py sets it where it is tested)."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture

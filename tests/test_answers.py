@@ -67,7 +67,7 @@ def test_provider_errors_disable_or_cool_the_key(gateway, upstreams, case):
         assert r.status_code == 200 and r.headers["x-ccx-attempts"] == ("2" if not stream else "1")
     assert [key_of(x) for x in chats(up)] == [K1, K2, K2]
     first, second = keys_of(gw, "p")
-    assert second == {"key": "p#2", "disabled": None, "cooling_for_s": 0}
+    assert second == {"key": "p#2", "disabled": None, "cooling_for_s": 0, "sessions": 0}
     if penalty == "disabled":
         assert first["disabled"].startswith(f"{status} quota or balance used up" if status != 402 else "402 ")
     else:

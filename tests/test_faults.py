@@ -212,7 +212,7 @@ def test_rejected_or_exhausted_key_is_disabled_until_reload(gateway, upstreams, 
     assert first.metadata["ccx"]["key"] == "pool#2"
     assert f"pool (pool#1): {reason}" in first.comment
     keys = health(gw)["pool"]["keys"]
-    assert keys[0] == {"key": "pool#1", "disabled": reason, "cooling_for_s": 0}
+    assert keys[0] == {"key": "pool#1", "disabled": reason, "cooling_for_s": 0, "sessions": 0}
     assert keys[1]["disabled"] is None
     assert_no_secrets(gw)
 

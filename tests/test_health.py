@@ -223,7 +223,7 @@ def test_snapshot_names_keys_by_label():
     registry.pools["a"].disable(1, "401 key rejected")
     registry.pools["b"].cool_down(0, 12, T0)
     snapshot = registry.snapshot(T0)
-    assert snapshot["a"]["keys"][1] == {"key": "a#2", "disabled": "401 key rejected", "cooling_for_s": 0}
+    assert snapshot["a"]["keys"][1] == {"key": "a#2", "disabled": "401 key rejected", "cooling_for_s": 0, "sessions": 0}
     assert snapshot["b"]["keys"][0]["cooling_for_s"] == 12
     assert "ka" not in json.dumps(snapshot) and "kb1" not in json.dumps(snapshot)
 

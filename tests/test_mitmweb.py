@@ -4,6 +4,8 @@ is on, streamed bodies are readable, the `ccx.explain` command answers, and no p
 upstream key appears anywhere mitmweb can show."""
 
 import json
+import re
+import time
 
 import httpx
 import openai
@@ -58,7 +60,7 @@ def test_mitmweb_shows_the_flow_log_without_any_key(mitmweb):
         assert flow["request"]["pretty_host"] == "127.0.0.1"
         headers = dict(flow["request"]["headers"])
         assert headers["x-ccx-requested-model"] == "gpt-5"
-    assert "| 200 stream | ttft " in streamed["comment"] and streamed["comment"].endswith("| session BSESSION")
+    assert "| 200 stream | ttft " in streamed["comment"] and re.search(r"\| session BSESSION → good#\d \(new\)$", streamed["comment"])
     assert rejected["comment"] == "ccx rejected: 401 invalid_api_key" and rejected["marked"] == "🟠"
 
     # The streamed answer is readable in the response tab, the mapped model in the request tab.
