@@ -17,7 +17,7 @@ from mitmproxy import ctx, exceptions
 from .config import Channel
 from .health import HealthRegistry
 from .state import GatewayState
-from .upstream import UpstreamClient, UpstreamError, upstream_request_headers
+from .upstream import UpstreamClient, UpstreamError, tls_for, upstream_request_headers
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class ModelCatalog:
             return None, "no usable key"
         headers = upstream_request_headers((), channel, channel.api_keys[usable[0]])
         try:
-            status, body = await self.client.get(channel.models_url, headers, FETCH_TIMEOUT, MAX_LIST_BYTES)
+            status, body = await self.client.get(channel.models_url, headers, FETCH_TIMEOUT, MAX_LIST_BYTES, tls_for(channel))
         except UpstreamError as e:
             return None, e.reason
         if status != 200:

@@ -18,6 +18,7 @@ from .body import BodyError, parse_chat_request
 from .forwarding import Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
+from .modelrewrite import ModelRewrite, first_model, rewrite_buffered
 from .redact import scrub_bytes
 from .routing import plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
@@ -138,9 +139,12 @@ class ChatGateway:
             self.client_watch.discard(task)
         record.result = result
         self.show_upstream_request(flow, result)
+        rewrite_to = chat.model if result.ok and result.route and config.rewrites_model(result.route.channel) else None
         if result.stream is not None:
-            self.hand_over(flow, record, result, health)
+            self.hand_over(flow, record, result, health, rewrite_to)
         else:
+            if rewrite_to is not None:
+                rewrite_answer_model(result, rewrite_to)
             self.respond(flow, result, config.secrets)
 
     def show_upstream_request(self, flow: http.HTTPFlow, result: ForwardResult) -> None:
@@ -182,24 +186,34 @@ class ChatGateway:
         )
 
     def hand_over(
-        self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult, health: HealthRegistry
+        self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult, health: HealthRegistry,
+        rewrite_to: str | None = None,
     ) -> None:
         """`health` is the registry the request started with: a reload since then may have
-        installed one without this channel."""
+        installed one without this channel. `rewrite_to`: the model every chunk names
+        (rewrite_response_model)."""
         route = result.route
 
         def on_end(failure: str | None) -> None:
+            if result.lease is not None:
+                result.lease.release()  # the key's concurrency slot frees at the last byte
             record.stream_failure = failure
             if failure and "upstream" in failure:
-                health.breakers[route.channel.name].record(False, time.time())
+                health.breaker(route.channel.name, result.upstream_url).record(False, time.time())
 
+        transforms, headers = [], result.headers + gateway_headers(result)
+        if rewrite_to is not None:
+            transforms.append(ModelRewrite(rewrite_to))
+            if (original := first_model(result.stream_first)) is not None:
+                headers.append(answer_model_header(original))
         token = self.handover.register(PendingStream(
             response=result.stream,
             status=result.status,
             reason=result.reason,
-            headers=result.headers + gateway_headers(result),
+            headers=headers,
             idle_timeout=route.channel.timeouts.idle,
             on_end=on_end,
+            transforms=transforms,
             first=result.stream_first,
         ))
         record.handover_token = token
@@ -210,6 +224,21 @@ class ChatGateway:
         flow.request.port = self.handover.port
         flow.request.host_header = upstream_host
         flow.request.headers[TOKEN_HEADER] = token
+
+
+def answer_model_header(original: str) -> tuple[str, str]:
+    """The model the upstream's answer named before rewrite_response_model replaced it:
+    kept visible in the flow view (and to the client)."""
+    return ("x-ccx-answer-model", header_value(original))
+
+
+def rewrite_answer_model(result: ForwardResult, model: str) -> None:
+    """A buffered answer names `model` (rewrite_response_model); the header keeps the
+    upstream's own."""
+    content_type = next((v for k, v in result.headers if k.lower() == "content-type"), "")
+    result.body, original = rewrite_buffered(result.body or b"", content_type, model)
+    if original is not None:
+        result.headers = [*result.headers, answer_model_header(original)]
 
 
 def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:

@@ -7,7 +7,9 @@ reaches the client; see shared/notes/mitmproxy.md, "Failover: the limit".
 
 import asyncio
 import email.utils
+import functools
 import os
+import ssl
 import time
 from collections.abc import Iterable
 
@@ -104,7 +106,7 @@ class UpstreamClient:
 
     async def open(
         self, channel: Channel, headers: dict[str, str], body: bytes,
-        deadline: float | None = None,
+        deadline: float | None = None, url: str = "",
     ) -> aiohttp.ClientResponse:
         """Send the request; return once response headers arrived. A streaming request
         waits up to `response_headers` for the stream to start; a non-streaming one (whose
@@ -121,7 +123,8 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(limit):
                 return await session.post(
-                    channel.chat_url,
+                    url or channel.chat_url,
+                    ssl=tls_for(channel),
                     data=body,
                     headers=headers,
                     allow_redirects=False,
@@ -134,6 +137,8 @@ class UpstreamClient:
             raise UpstreamError(f"connect timeout after {timeouts.connect:g}s", timeout=True) from None
         except TimeoutError:
             raise UpstreamError(expired, timeout=True) from None
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise UpstreamError(certificate_problem(channel, e)) from None
         except aiohttp.ClientConnectorError as e:
             raise UpstreamError(f"cannot connect: {_os_reason(e)}") from None
         except aiohttp.ServerDisconnectedError:
@@ -168,13 +173,15 @@ class UpstreamClient:
         finally:
             response.release()
 
-    async def get(self, url: str, headers: dict[str, str], timeout: float, limit: int) -> tuple[int, bytes]:
+    async def get(
+        self, url: str, headers: dict[str, str], timeout: float, limit: int, tls: "ssl.SSLContext | bool" = True,
+    ) -> tuple[int, bytes]:
         """A small GET (an upstream's /models list): status and body, within `timeout`
-        seconds and `limit` bytes, or UpstreamError."""
+        seconds and `limit` bytes, or UpstreamError. `tls`: the channel's `tls_for`."""
         session = self._ensure_session()
         try:
             async with asyncio.timeout(timeout):
-                async with session.get(url, headers=headers, allow_redirects=False) as response:
+                async with session.get(url, headers=headers, allow_redirects=False, ssl=tls) as response:
                     body = await response.content.read(limit + 1)
                     if len(body) > limit:
                         raise UpstreamError(f"response body larger than {limit} bytes")
@@ -188,6 +195,34 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def tls_for(channel: Channel) -> "ssl.SSLContext | bool":
+    """How the channel's HTTPS upstreams are verified: aiohttp's default (True), not at
+    all (`tls_verify: false`), or against the channel's own CA file (`ca_file`)."""
+    if not channel.tls_verify:
+        return False
+    if channel.ca_file:
+        return _ca_context(channel.ca_file)
+    return True
+
+
+@functools.lru_cache(maxsize=32)
+def _ca_context(ca_file: str) -> ssl.SSLContext:
+    # One context per file: aiohttp pools connections per context, and loading is slow.
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def certificate_problem(channel: Channel, error: aiohttp.ClientConnectorCertificateError) -> str:
+    """An attempt outcome for a certificate the gateway cannot verify, saying how to fix it."""
+    cert_error = error.certificate_error
+    why = getattr(cert_error, "verify_message", None) or getattr(cert_error, "reason", None) or type(cert_error).__name__
+    fix = (
+        f"this channel's ca_file ({channel.ca_file}) does not vouch for it" if channel.ca_file else
+        "if the upstream uses a self-signed or private-CA certificate, set ca_file: /path/to/ca.pem "
+        "on the channel (or tls_verify: false, which skips verification)"
+    )
+    return f"TLS certificate problem ({why}) at {error.host}:{error.port}: {fix}"
 
 
 def _os_reason(error: aiohttp.ClientConnectorError) -> str:
