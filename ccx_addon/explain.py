@@ -27,10 +27,11 @@ class ChannelVerdict:
     reason: str  # why it is skipped; "" for a candidate
     upstream_model: str
     rule: str | None  # the model_mapping key that applied
+    rewrites_model: bool = False  # rewrite_response_model in force for this channel
 
     @property
     def url(self) -> str:
-        return "echo: (answered by the gateway itself)" if self.channel.is_echo else self.channel.chat_url
+        return "echo: (answered by the gateway itself)" if self.channel.is_echo else ", then ".join(self.channel.chat_urls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ def explain_model(config: GatewayConfig, model: str) -> Explanation:
         mapped = map_model(channel.model_mapping, model)
         verdicts.append(ChannelVerdict(
             channel, positions.get(channel.name), reasons.get(channel.name, ""),
-            mapped.upstream_model, mapped.rule,
+            mapped.upstream_model, mapped.rule, config.rewrites_model(channel),
         ))
     return Explanation(model, tuple(verdicts), config.max_attempts)
 
@@ -76,12 +77,16 @@ def format_explanation(explanation: Explanation, health: dict | None = None) -> 
             continue
         lines.append(f"  allowed #{verdict.position} {name}  {describe_mapping(model, verdict)}")
         lines.append(f"  {'':{11 + width}}  → {verdict.url}")
+        lines.extend(f"  {'':{11 + width}}  {fact}" for fact in channel_parity_facts(verdict.channel, verdict.rewrites_model))
         if health and (state := health.get(verdict.channel.name)):
             if state.get("circuit") not in (None, "closed"):
                 lines.append(f"  {'':{11 + width}}  now: circuit {state['circuit']}")
             resting = [k["key"] for k in state.get("keys", ()) if k.get("disabled") or k.get("cooling_for_s")]
             if resting:
                 lines.append(f"  {'':{11 + width}}  now: resting keys {', '.join(resting)}")
+            limited = [f"{k['key']} ({k['at_limit']})" for k in state.get("keys", ()) if k.get("at_limit")]
+            if limited:
+                lines.append(f"  {'':{11 + width}}  now: keys at their limit {', '.join(limited)}")
     candidates = explanation.candidates
     if not candidates:
         lines.append(f"No channel serves {model!r}: a request gets 404 model_not_found.")
@@ -94,14 +99,29 @@ def format_explanation(explanation: Explanation, health: dict | None = None) -> 
     return "\n".join(lines)
 
 
-def describe_channel(channel: Channel) -> str:
+def channel_parity_facts(channel: Channel, rewrites_model: bool) -> list[str]:
+    """Key weights and limits, and the response model rewrite, when set (never a key)."""
+    facts = []
+    limits = [f"{channel.key_label(i)} {limit}" for i in range(len(channel.api_keys)) if (limit := channel.limit_of(i).describe())]
+    if limits:
+        facts.append("key limits: " + "; ".join(limits) + " (counted per gateway process)")
+    if rewrites_model:
+        facts.append("answers name the requested model (rewrite_response_model)")
+    if not channel.tls_verify:
+        facts.append("TLS certificates not verified (tls_verify: false)")
+    elif channel.ca_file:
+        facts.append(f"TLS verified against {channel.ca_file}")
+    return facts
+
+
+def describe_channel(channel: Channel, config: GatewayConfig | None = None) -> str:
     if not channel.enabled:
         state = "disabled"
     elif channel.inactive_reason:
         state = f"inactive: {channel.inactive_reason}"
     else:
         state = "active"
-    facts = [state, "echo: built-in" if channel.is_echo else channel.chat_url]
+    facts = [state, "echo: built-in" if channel.is_echo else ", then ".join(channel.chat_urls)]
     if channel.api_keys:
         facts.append(f"{len(channel.api_keys)} key(s)")
     if channel.fallback:
@@ -109,6 +129,7 @@ def describe_channel(channel: Channel) -> str:
     facts.append("models: " + (", ".join(channel.supported_models) or "any"))
     if channel.model_mapping:
         facts.append("mapping: " + ", ".join(f"{k} → {v}" for k, v in channel.model_mapping))
+    facts.extend(channel_parity_facts(channel, config is not None and config.rewrites_model(channel)))
     return "; ".join(facts)
 
 
@@ -119,7 +140,7 @@ def format_config_summary(config: GatewayConfig) -> str:
     lines.append("  channels, in the order they are tried:")
     width = max((len(c.name) for c in config.channels), default=0)
     for channel in config.channels:
-        lines.append(f"    {channel.name.ljust(width)}  {describe_channel(channel)}")
+        lines.append(f"    {channel.name.ljust(width)}  {describe_channel(channel, config)}")
     active = [c.name for c in config.channels if c.active]
     lines.append(f"  serving through: {', '.join(active) or 'nothing (no active channel)'}")
     models = listed_models(config)
