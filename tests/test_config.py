@@ -149,8 +149,12 @@ def test_shipped_configs_load():
     example = load_config(ROOT / "config" / "ccx.example.yaml", env)
     assert [c.base_url for c in example.channels] == [
         "https://api.openai.com/v1", "https://api.deepseek.com", "https://open.bigmodel.cn/api/paas/v4",
-        "https://api.minimax.io/v1", "https://api.moonshot.ai/v1",
+        "https://api.minimax.io/v1", "https://api.moonshot.ai/v1", "https://vllm.internal:8000/v1",
     ]
+    glm = example.channels[2]
+    assert glm.urls == ("https://open.bigmodel.cn/api/paas/v4", "https://api.z.ai/api/paas/v4")
+    assert glm.api_keys == ("x",) and glm.limit_of(0).rpm == 60 and glm.limit_of(0).max_concurrency == 2
+    assert example.rewrites_model(glm) and not example.rewrites_model(example.channels[0])
 
 
 def test_missing_file():
