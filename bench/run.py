@@ -1,6 +1,6 @@
 """The gateway against bare mitmdump, in one run on one machine, on 127.0.0.1 only.
 
-    python bench/run.py [--quick] [--mitmdump PATH] [--variant NAME=SCRIPT ...] [--json OUT]
+    python bench/run.py [--quick] [--mitmdump PATH] [--variant NAME=SCRIPT ...] [--rewrite] [--json OUT]
 
 Starts a fast fake upstream (bench/upstream.py), bare mitmdump in reverse mode (once as is,
 once with a one-line addon that streams responses, for SSE), and the gateway
@@ -151,6 +151,8 @@ def main() -> int:
                     help="the mitmdump to measure (default: next to this Python)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SCRIPT",
                     help="an extra gateway column: mitmdump -s SCRIPT (e.g. httpx=bench/gateway_httpx.py)")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="an extra gateway column, 'rewrite': the same config with rewrite_response_model: true")
     ap.add_argument("--repeat", type=int, help="repetitions of each figure (default 3, quick 1)")
     ap.add_argument("--duration", type=float, help="seconds per throughput figure (default 3, quick 1)")
     ap.add_argument("--only", help="comma list of phases: requests,rps,sse,stream")
@@ -175,6 +177,7 @@ def main() -> int:
     ports = {"upstream": free_port()}
     up = ports["upstream"]
     (tmp / "ccx.yaml").write_text(CONFIG.format(up=up))
+    (tmp / "ccx-rewrite.yaml").write_text("rewrite_response_model: true\n" + CONFIG.format(up=up))
     mitmdump = args.mitmdump
     common = [mitmdump, "-q", "--set", "termlog_verbosity=error"]
     servers = {
@@ -182,14 +185,16 @@ def main() -> int:
         "bare-stream": common + ["--mode", f"reverse:http://127.0.0.1:{up}@127.0.0.1:{{port}}",
                                  "-s", str(HERE / "stream_addon.py")],
     }
-    gateway_args = ["--mode", "reverse:http://127.0.0.1:9@127.0.0.1:{port}", "--set", "connection_strategy=lazy",
-                    "--set", f"ccx_config={tmp / 'ccx.yaml'}"]
-    gateways = {"gateway": str(ROOT / "ccx_addon" / "addon.py")}
+    gateway_args = ["--mode", "reverse:http://127.0.0.1:9@127.0.0.1:{port}", "--set", "connection_strategy=lazy"]
+    addon = str(ROOT / "ccx_addon" / "addon.py")
+    gateways = {"gateway": (addon, "ccx.yaml")}
     for v in args.variant:
         name, _, script = v.partition("=")
-        gateways[name] = str(Path(script).resolve())
-    for name, script in gateways.items():
-        servers[name] = common + ["-s", script] + gateway_args
+        gateways[name] = (str(Path(script).resolve()), "ccx.yaml")
+    if args.rewrite:
+        gateways["rewrite"] = (addon, "ccx-rewrite.yaml")
+    for name, (script, config_name) in gateways.items():
+        servers[name] = common + ["-s", script] + gateway_args + ["--set", f"ccx_config={tmp / config_name}"]
     pids = {}
     results: dict = {"mitmproxy": None, "python": sys.version.split()[0], "quick": quick, "figures": {}}
     figures = results["figures"]

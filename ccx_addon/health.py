@@ -215,5 +215,8 @@ class HealthRegistry:
                 if why := pool.limits.blocked(i, now):
                     key["at_limit"] = why
             if len(pool.channel.urls) > 1:
-                out[name]["urls"] = {url: self.breaker(name, url).state for url in pool.channel.chat_urls}
+                urls = {url: self.breaker(name, url).state for url in pool.channel.chat_urls}
+                out[name]["urls"] = urls
+                # The channel serves while any of its URLs does.
+                out[name]["circuit"] = min(urls.values(), key=(CircuitBreaker.CLOSED, CircuitBreaker.HALF_OPEN, CircuitBreaker.OPEN).index)
         return out

@@ -53,6 +53,7 @@ def test_a_dead_first_url_is_served_by_the_second_with_the_same_key(gateway, ups
     assert ask(gw, stream=True).status_code == 200
     channels = health(gw)
     assert channels["multi"]["urls"] == {f"{dead}/chat/completions": "open", f"{up.url}/v1/chat/completions": "closed"}
+    assert channels["multi"]["circuit"] == "closed"  # the channel serves while one URL does
     third = ask(gw)
     assert third.status_code == 200 and third.headers["x-ccx-attempts"] == "1"
     assert len(up.received) == 3
