@@ -2,14 +2,23 @@
 upstream's. Pure: a JSON body rewrite and a stream transform (handover.StreamTransform)
 that rewrites complete `data:` lines and passes every other byte on at once."""
 
+import functools
 import json
+import re
 
 _DATA = b"data:"
+
+
+# A "model" key with a string value. A raw `"` in JSON text always delimits a string, so
+# this cannot match inside one (quotes there are escaped).
+_MODEL_KEY = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
 def rewrite_model(data: bytes, model: str) -> tuple[bytes, str | None]:
     """A JSON object's top-level `model` set to `model`: (the new bytes, the model it named),
     or `data` unchanged and None when it is not such an object."""
+    if (fast := _splice_model(data, model)) is not None:
+        return fast
     try:
         payload = json.loads(data)
     except ValueError:
@@ -21,6 +30,40 @@ def rewrite_model(data: bytes, model: str) -> tuple[bytes, str | None]:
         return data, original
     payload["model"] = model
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), original
+
+
+def _splice_model(data: bytes, model: str) -> tuple[bytes, str | None] | None:
+    """The fast path (the stream's hot loop): when `data` has exactly one "model" key and
+    nothing before it can open a nested value (one `{`, no `[`), it is the top-level key:
+    replace its value in place, every other byte unchanged. None: parse instead."""
+    if data.count(b'"model"') != 1:
+        return None
+    match = _MODEL_KEY.search(data)
+    if match is None:
+        return None
+    prefix = data[:match.start()]
+    if prefix.count(b"{") != 1 or b"[" in prefix or not prefix.lstrip().startswith(b"{"):
+        return None
+    original = _decoded(match.group(1))
+    if original is None:
+        return None
+    if original == model:
+        return data, original
+    return data[:match.start(1) - 1] + _encoded(model) + data[match.end(1) + 1:], original
+
+
+# A stream names the same model in every chunk: decode and encode it once.
+@functools.lru_cache(maxsize=64)
+def _decoded(raw: bytes) -> str | None:
+    try:
+        return json.loads(b'"' + raw + b'"')
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _encoded(model: str) -> bytes:
+    return json.dumps(model, ensure_ascii=False).encode()
 
 
 def first_model(events: bytes) -> str | None:
@@ -83,11 +126,11 @@ class ModelRewrite:
         if not line.startswith(_DATA):
             return line
         body = line[len(_DATA):]
-        stripped = body.rstrip(b"\r\n")
-        payload, original = rewrite_model(stripped, self.model)
+        value = body.rstrip(b"\r\n")
+        lead = len(value) - len(value.lstrip())
+        payload, original = rewrite_model(value[lead:], self.model)
         if self.original is None:
             self.original = original
         if original is None or original == self.model:
             return line
-        space = b" " if stripped.startswith(b" ") else b""
-        return _DATA + space + payload + body[len(stripped):]
+        return _DATA + value[:lead] + payload + body[len(value):]

@@ -116,7 +116,7 @@ def test_rewrite_holds_back_only_an_unfinished_data_line():
     assert rewrite.feed(b": comm") == b": comm"  # not a data line: on at once
     assert rewrite.feed(b"ent\n\nda") == b"ent\n\n"  # "da" may become "data:"
     assert rewrite.feed(b'ta: {"model": "up"}') == b""
-    assert rewrite.feed(b"\n\n") == b'data: {"model":"gpt-5"}\n\n'
+    assert rewrite.feed(b"\n\n") == b'data: {"model": "gpt-5"}\n\n'
     assert rewrite.feed(b"data: [DO") == b""
     assert rewrite.end() == b"data: [DO"  # the upstream ended: nothing is kept
 
@@ -127,6 +127,12 @@ def test_json_answer_rewrite_and_first_model():
     assert rewrite_model(b'{"error": {}}', "gpt-5") == (b'{"error": {}}', None)
     assert rewrite_model(b"[1]", "gpt-5") == (b"[1]", None)
     assert first_model(b': c\n\ndata: {"model": "up-2"}\n\n') == "up-2"
+    # Only the top-level key, whatever comes first; every other byte stays (fast path).
+    body, original = rewrite_model(b'{"meta": {"model": "x"}, "model": "up"}', "gpt-5")
+    assert json.loads(body) == {"meta": {"model": "x"}, "model": "gpt-5"} and original == "up"
+    assert rewrite_model(b'{"choices": [{"model": "x"}]}', "gpt-5") == (b'{"choices": [{"model": "x"}]}', None)
+    assert rewrite_model(b'{"id": "{", "model": "up"}', "gpt-5")[0] == b'{"id":"{","model":"gpt-5"}'  # parsed
+    assert rewrite_model(b'{"id" : 1,  "model" : "\\u00e9t\\"e"}', "g\u00e9")[0] == '{"id" : 1,  "model" : "g\u00e9"}'.encode()
     assert first_model(b'data: {"model": "up') is None
 
 
