@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from ccx_addon.explain import Explain
 from chatclient import AUTH, CHAT, ask, chat_flows, error_of, events, health, wait_until
 from conftest import PROXY_KEY, UPSTREAM_KEYS, channel, config
 from fakeupstream import FakeUpstream, chunk_events, json_answer, openai_like, sse_answer
@@ -102,6 +103,9 @@ def test_rpm_2_lets_exactly_two_requests_through_then_429_or_elsewhere(gateway, 
     assert served.status_code == 200 and served.headers["x-ccx-channel"] == "spare"
     assert len(limited.received) == 2 and len(spare.received) == 1
     assert health(gw)["limited"]["keys"][0]["at_limit"].startswith("rpm 2 reached")
+    explained = gw.call(gw.addon(Explain).explain, "m")
+    assert "key limits: limited#1 rpm 2" in explained
+    assert "now: keys at their limit limited#1 (rpm 2 reached" in explained
 
 
 def stream_in_thread(gw, results: list, started: threading.Event) -> threading.Thread:
