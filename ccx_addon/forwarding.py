@@ -201,10 +201,11 @@ class Forwarder:
         now = time.time()
         gates = url_gates(run.health, route.channel, now)
         if not gates:
-            breakers = [run.health.breaker(route.channel.name, url) for url in route.channel.chat_urls]
-            run.skip(route, breakers[0].describe(now) if len(breakers) == 1 else (
-                "every URL's circuit is open or probing"
-            ), min(b.retry_at(now) for b in breakers))
+            breakers = {url: run.health.breaker(route.channel.name, url) for url in route.channel.chat_urls}
+            why = "; ".join(
+                b.describe(now) if len(breakers) == 1 else f"{url}: {b.describe(now)}" for url, b in breakers.items()
+            )
+            run.skip(route, why, min(b.retry_at(now) for b in breakers.values()))
             return None
         tried: set[int] = set()
         try:

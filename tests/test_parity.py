@@ -80,6 +80,26 @@ def test_a_5xx_on_one_url_moves_to_the_next_url_before_the_next_channel(gateway,
     assert r.status_code == 200 and r.headers["x-ccx-channel"] == "other" and r.headers["x-ccx-attempts"] == "3"
 
 
+def test_a_channel_whose_every_url_circuit_is_open_is_skipped_naming_each_url(gateway, upstreams):
+    other = upstreams()
+    first, second = dead_url(), dead_url()
+    gw = gateway(config(
+        f"  - name: multi\n    base_urls: [{first}, {second}]\n    api_keys: [\"{K1}\"]\n",
+        channel("other", other.url + "/v1", keys=(K2,)),
+        top="circuit_breaker: {consecutive_failures: 1}\n",
+    ))
+    assert ask(gw).headers["x-ccx-attempts"] == "3"
+    r = ask(gw)
+    assert r.status_code == 200 and r.headers["x-ccx-attempts"] == "1"
+    skipped = chat_flows(gw, 2)[-1].metadata["ccx"]["attempts"][0]
+    assert re.fullmatch(
+        rf"skipped: {re.escape(first)}/chat/completions: circuit open after repeated failures, next probe in [45]s; "
+        rf"{re.escape(second)}/chat/completions: circuit open after repeated failures, next probe in [45]s",
+        skipped["outcome"],
+    ), skipped
+    assert health(gw)["multi"]["circuit"] == "open"
+
+
 # --- key limits and weights --------------------------------------------------------------------
 
 def test_rpm_2_lets_exactly_two_requests_through_then_429_or_elsewhere(gateway, upstreams):
