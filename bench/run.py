@@ -1,6 +1,6 @@
 """The gateway against bare mitmdump, in one run on one machine, on 127.0.0.1 only.
 
-    python bench/run.py [--quick] [--mitmdump PATH] [--variant NAME=SCRIPT ...] [--json OUT]
+    python bench/run.py [--quick] [--mitmdump PATH] [--variant NAME=SCRIPT ...] [--rewrite] [--json OUT]
 
 Starts a fast fake upstream (bench/upstream.py), bare mitmdump in reverse mode (once as is,
 once with a one-line addon that streams responses, for SSE), and the gateway
@@ -161,6 +161,8 @@ def main() -> int:
                     help="an extra gateway column: mitmdump -s SCRIPT (e.g. httpx=bench/gateway_httpx.py)")
     ap.add_argument("--no-preset", action="store_true",
                     help="leave out the `preset` column (the gateway with the deepseek preset)")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="an extra gateway column, 'rewrite': the same config with rewrite_response_model: true")
     ap.add_argument("--repeat", type=int, help="repetitions of each figure (default 3, quick 1)")
     ap.add_argument("--duration", type=float, help="seconds per throughput figure (default 3, quick 1)")
     ap.add_argument("--only", help="comma list of phases: requests,rps,sse,stream,session")
@@ -186,6 +188,7 @@ def main() -> int:
     up = ports["upstream"]
     (tmp / "ccx.yaml").write_text(CONFIG.format(up=up))
     (tmp / "ccx-preset.yaml").write_text(PRESET_CONFIG.format(up=up))
+    (tmp / "ccx-rewrite.yaml").write_text("rewrite_response_model: true\n" + CONFIG.format(up=up))
     mitmdump = args.mitmdump
     common = [mitmdump, "-q", "--set", "termlog_verbosity=error"]
     servers = {
@@ -201,6 +204,8 @@ def main() -> int:
     for v in args.variant:
         name, _, script = v.partition("=")
         gateways[name] = (str(Path(script).resolve()), tmp / "ccx.yaml")
+    if args.rewrite:
+        gateways["rewrite"] = (addon, tmp / "ccx-rewrite.yaml")
     for name, (script, config_path) in gateways.items():
         servers[name] = common + ["-s", script] + gateway_args + ["--set", f"ccx_config={config_path}"]
     pids = {}

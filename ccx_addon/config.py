@@ -12,6 +12,7 @@ import json
 import os
 import re
 import urllib.request
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,31 @@ class AffinitySettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyLimit:
+    """What one upstream key may carry (`api_keys` entries written as objects). Limits are
+    counted by each gateway process on its own."""
+
+    weight: int = 1  # share of the rotation for requests without a session
+    rpm: int | None = None  # requests started in the last 60 s
+    max_concurrency: int | None = None  # requests in flight, streams until their last byte
+
+    @property
+    def limited(self) -> bool:
+        return self.rpm is not None or self.max_concurrency is not None
+
+    def describe(self) -> str:
+        parts = [f"weight {self.weight}"] if self.weight != 1 else []
+        if self.rpm is not None:
+            parts.append(f"rpm {self.rpm}")
+        if self.max_concurrency is not None:
+            parts.append(f"max_concurrency {self.max_concurrency}")
+        return ", ".join(parts)
+
+
+NO_LIMIT = KeyLimit()
+
+
+@dataclasses.dataclass(frozen=True)
 class Channel:
     name: str
     base_url: str
@@ -164,6 +190,26 @@ class Channel:
     # The channel's own request fixes, on top of its preset: (model globs, spec) layers,
     # "*" first for `fixes:` itself, then each `fixes.models` entry (see presets.resolve).
     fixes: tuple[tuple[str, FixSpec], ...] = ()
+    # Every base URL when written as `base_urls` (base_url is then the first), tried in
+    # order with the same key before the channel is given up.
+    base_urls: tuple[str, ...] = ()
+    # Per key, in the order of api_keys; empty: weight 1 and no limits for every key.
+    key_limits: tuple[KeyLimit, ...] = ()
+    # None: the top-level rewrite_response_model decides.
+    rewrite_response_model: bool | None = None
+    tls_verify: bool = True
+    ca_file: str = ""  # an absolute path to PEM CA certificates trusted for this channel
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self.base_urls or (self.base_url,)
+
+    @property
+    def chat_urls(self) -> tuple[str, ...]:
+        return tuple(url.rstrip("/") + "/chat/completions" for url in self.urls)
+
+    def limit_of(self, index: int) -> KeyLimit:
+        return self.key_limits[index] if index < len(self.key_limits) else NO_LIMIT
 
     @property
     def is_echo(self) -> bool:
@@ -202,6 +248,13 @@ class GatewayConfig:
     session_affinity: AffinitySettings = AffinitySettings()
     # Channels without proxy_url follow HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY.
     trust_env: bool = True
+    rewrite_response_model: bool = False
+
+    def rewrites_model(self, channel: Channel) -> bool:
+        """Whether answers of `channel` name the model the client asked for."""
+        if channel.rewrite_response_model is not None:
+            return channel.rewrite_response_model
+        return self.rewrite_response_model
 
     @functools.cached_property
     def secrets(self) -> tuple[str, ...]:
@@ -442,13 +495,15 @@ def check_base_url(url: str) -> str | None:
 
 _TOP_FIELDS = {
     "proxy_access_keys", "channels", "circuit_breaker", "max_attempts", "$schema", "session_affinity",
-    "trust_env",
+    "trust_env", "rewrite_response_model",
 }
 _CHANNEL_FIELDS = {
     "name", "base_url", "api_keys", "priority", "enabled", "supported_models",
     "model_mapping", "fallback", "auth_header", "headers", "stream_usage", "cooldown",
     "timeouts", "preset", "list_upstream_models", "fixes", "session_affinity", "proxy_url",
+    "base_urls", "rewrite_response_model", "tls_verify", "ca_file",
 }
+_KEY_FIELDS = {"key", "weight", "rpm", "max_concurrency"}
 _TIMEOUT_FIELDS = {f.name for f in dataclasses.fields(Timeouts)}
 _BREAKER_FIELDS = {f.name for f in dataclasses.fields(BreakerSettings)}
 _AFFINITY_FIELDS = {f.name for f in dataclasses.fields(AffinitySettings)}
@@ -526,6 +581,10 @@ def parse_config(
     channels = _apply_affinity(check, channel_items, channels, affinity)
     trust_env = check.boolean("trust_env", top["trust_env"]) if "trust_env" in top else True
     channels = _apply_proxies(check, channel_items, channels, environ if trust_env else None)
+    rewrite = False
+    if "rewrite_response_model" in top:
+        rewrite = check.boolean("rewrite_response_model", top["rewrite_response_model"])
+
     return GatewayConfig(
         source=source,
         proxy_access_keys=tuple(access_keys),
@@ -534,6 +593,7 @@ def parse_config(
         max_attempts=max_attempts,
         session_affinity=affinity,
         trust_env=trust_env,
+        rewrite_response_model=rewrite,
     )
 
 
@@ -571,9 +631,8 @@ def _apply_affinity(
 
 def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> Channel:
     fields = check.mapping(path, item, _CHANNEL_FIELDS)
-    for required in ("name", "base_url"):
-        if required not in fields:
-            raise check.fail(path, item, f"missing required field {required!r}")
+    if "name" not in fields:
+        raise check.fail(path, item, "missing required field 'name'")
 
     name = check.string(f"{path}.name", fields["name"])
     if not _CHANNEL_NAME.match(name):
@@ -581,19 +640,16 @@ def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> 
             f"{path}.name", fields["name"],
             "must start with a letter or digit and use only letters, digits, _ . -",
         )
-    base_url = check.string(f"{path}.base_url", fields["base_url"]).strip()
-    if problem := check_base_url(base_url):
-        raise check.fail(f"{path}.base_url", fields["base_url"], problem)
+    base_urls = _parse_base_urls(check, path, item, fields)
+    base_url = base_urls[0]
 
     inactive_reason = ""
     api_keys: list[str] = []
+    key_limits: list[KeyLimit] = []
     if base_url != ECHO_BASE_URL:
         if "api_keys" not in fields:
             raise check.fail(path, item, "missing required field 'api_keys'")
-        written = check.string_list(f"{path}.api_keys", fields["api_keys"], secret=True)
-        if not written:
-            raise check.fail(f"{path}.api_keys", fields["api_keys"], "must list at least one key")
-        api_keys = [k.strip() for k in written if k.strip()]
+        api_keys, key_limits = _parse_api_keys(check, f"{path}.api_keys", fields["api_keys"])
         if not api_keys:
             # Keys written as ${VAR:-} with VAR unset: the channel stays configured but idle,
             # which is how the default config offers providers the user has no key for yet.
@@ -607,6 +663,8 @@ def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> 
         api_keys=tuple(api_keys),
         priority=index,
         inactive_reason=inactive_reason,
+        base_urls=tuple(base_urls) if "base_urls" in fields else (),
+        key_limits=tuple(key_limits) if any(k != NO_LIMIT for k in key_limits) else (),
     )
     changes: dict[str, Any] = {}
     if "priority" in fields:
@@ -644,6 +702,9 @@ def _parse_channel(check: _Validator, path: str, item: _Located, index: int) -> 
     changes.update(_parse_model_listing(check, path, fields, base_url))
     if "fixes" in fields:
         changes["fixes"] = _parse_fixes(check, f"{path}.fixes", fields["fixes"])
+    changes.update(_parse_tls(check, path, fields, base_urls))
+    if "rewrite_response_model" in fields:
+        changes["rewrite_response_model"] = check.boolean(f"{path}.rewrite_response_model", fields["rewrite_response_model"])
     if "cooldown" in fields:
         changes["cooldown"] = check.number(f"{path}.cooldown", fields["cooldown"])
     if "timeouts" in fields:
@@ -901,6 +962,96 @@ def _apply_proxies(
             raise check.fail(f"channels[{index}]", item, f"{e} (or set proxy_url, or trust_env: false)") from None
         resolved.append(dataclasses.replace(channel, proxy=proxy, direct_because=because))
     return resolved
+
+
+def _parse_base_urls(check: _Validator, path: str, item: _Located, fields: dict[str, _Located]) -> list[str]:
+    """`base_url`, or `base_urls` (one or more, tried in order): exactly one of the two."""
+    if "base_url" in fields and "base_urls" in fields:
+        raise check.fail(f"{path}.base_urls", fields["base_urls"], "write either base_url or base_urls, not both")
+    if "base_url" in fields:
+        written = [(f"{path}.base_url", fields["base_url"], check.string(f"{path}.base_url", fields["base_url"]))]
+    elif "base_urls" in fields:
+        urls_item = fields["base_urls"]
+        values = check.string_list(f"{path}.base_urls", urls_item)
+        if not values:
+            raise check.fail(f"{path}.base_urls", urls_item, "must list at least one URL")
+        written = [(f"{path}.base_urls[{i}]", urls_item.value[i], v) for i, v in enumerate(values)]
+    else:
+        raise check.fail(path, item, "missing required field 'base_url' (or 'base_urls')")
+    urls: list[str] = []
+    for where, sub, url in written:
+        url = url.strip()
+        if problem := check_base_url(url):
+            raise check.fail(where, sub, problem)
+        if url == ECHO_BASE_URL and len(written) > 1:
+            raise check.fail(where, sub, "the echo: channel has no other URLs")
+        if url.rstrip("/") in (u.rstrip("/") for u in urls):
+            raise check.fail(where, sub, "the same URL twice")
+        urls.append(url)
+    return urls
+
+
+def _parse_api_keys(check: _Validator, path: str, item: _Located) -> tuple[list[str], list[KeyLimit]]:
+    """`api_keys`: strings, or objects {key, weight, rpm, max_concurrency}. Entries that
+    expand to empty are dropped with their limits."""
+    if isinstance(item.value, str):
+        raise check.fail(path, item, "must be a list of keys (write [\"...\"])")
+    if not isinstance(item.value, list):
+        raise check.fail(path, item, f"must be a list, not {_kind(item.value)}")
+    if not item.value:
+        raise check.fail(path, item, "must list at least one key")
+    keys, limits = [], []
+    for i, entry in enumerate(item.value):
+        where = f"{path}[{i}]"
+        if isinstance(entry.value, dict):
+            fields = check.mapping(where, entry, _KEY_FIELDS)
+            if "key" not in fields:
+                raise check.fail(where, entry, "missing required field 'key'")
+            key = check.string(f"{where}.key", fields["key"], secret=True).strip()
+            limit = KeyLimit(**{
+                name: check.number(f"{where}.{name}", fields[name], integer=True, minimum=1)
+                for name in ("weight", "rpm", "max_concurrency") if name in fields
+            })
+        else:
+            key, limit = check.string(where, entry, secret=True).strip(), NO_LIMIT
+        if key:
+            keys.append(key)
+            limits.append(limit)
+    return keys, limits
+
+
+def _parse_tls(check: _Validator, path: str, fields: dict[str, _Located], urls: list[str]) -> dict[str, Any]:
+    """`tls_verify` and `ca_file`, for HTTPS upstreams with self-signed or private-CA
+    certificates. The CA file is read now, so a wrong path fails at start-up."""
+    changes: dict[str, Any] = {}
+    https = any(url.startswith("https://") for url in urls)
+    if "tls_verify" in fields:
+        changes["tls_verify"] = check.boolean(f"{path}.tls_verify", fields["tls_verify"])
+    if "ca_file" in fields:
+        item = fields["ca_file"]
+        if changes.get("tls_verify") is False:
+            raise check.fail(f"{path}.ca_file", item, "tls_verify: false skips verification: remove one of the two")
+        ca_file = Path(check.string(f"{path}.ca_file", item).strip()).expanduser()
+        if not ca_file.is_absolute() and check.source and not check.source.startswith("<"):
+            ca_file = Path(check.source).resolve().parent / ca_file
+        if problem := check_ca_file(ca_file):
+            raise check.fail(f"{path}.ca_file", item, problem)
+        changes["ca_file"] = str(ca_file)
+    for name in ("tls_verify", "ca_file"):
+        if name in fields and not https:
+            raise check.fail(f"{path}.{name}", fields[name], "applies to https:// upstreams only, and this channel has none")
+    return changes
+
+
+def check_ca_file(path: Path) -> str | None:
+    """Why `path` cannot serve as a channel's trusted CA certificates, or None."""
+    if not path.is_file():
+        return f"no such file: {path}"
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError) as e:
+        return f"{path} holds no usable PEM certificate ({type(e).__name__})"
+    return None
 
 
 def load_config(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> GatewayConfig:

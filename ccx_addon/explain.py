@@ -29,12 +29,13 @@ class ChannelVerdict:
     reason: str  # why it is skipped; "" for a candidate
     upstream_model: str
     rule: str | None  # the model_mapping key that applied
+    rewrites_model: bool = False  # rewrite_response_model in force for this channel
 
     @property
     def url(self) -> str:
         if self.channel.is_echo:
             return "echo: (answered by the gateway itself)"
-        return url_without_credentials(self.channel.chat_url)
+        return ", then ".join(url_without_credentials(url) for url in self.channel.chat_urls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ def explain_model(config: GatewayConfig, model: str) -> Explanation:
         mapped = map_model(channel.model_mapping, model)
         verdicts.append(ChannelVerdict(
             channel, positions.get(channel.name), reasons.get(channel.name, ""),
-            mapped.upstream_model, mapped.rule,
+            mapped.upstream_model, mapped.rule, config.rewrites_model(channel),
         ))
     return Explanation(model, tuple(verdicts), config.max_attempts, config.session_affinity)
 
@@ -99,6 +100,7 @@ def format_explanation(explanation: Explanation, health: dict | None = None) -> 
             lines.extend(f"  {'':{11 + width}}  {line}" for line in fixes)
         if route := describe_proxy(verdict.channel):
             lines.append(f"  {'':{11 + width}}  {route}")
+        lines.extend(f"  {'':{11 + width}}  {fact}" for fact in channel_parity_facts(verdict.channel, verdict.rewrites_model))
         if health and (state := health.get(verdict.channel.name)):
             if state.get("circuit") not in (None, "closed"):
                 lines.append(f"  {'':{11 + width}}  now: circuit {state['circuit']}")
@@ -108,6 +110,9 @@ def format_explanation(explanation: Explanation, health: dict | None = None) -> 
             bound = [f"{k['key']} {k['sessions']}" for k in state.get("keys", ()) if k.get("sessions")]
             if bound:
                 lines.append(f"  {'':{11 + width}}  now: sessions bound {', '.join(bound)}")
+            limited = [f"{k['key']} ({k['at_limit']})" for k in state.get("keys", ()) if k.get("at_limit")]
+            if limited:
+                lines.append(f"  {'':{11 + width}}  now: keys at their limit {', '.join(limited)}")
     candidates = explanation.candidates
     if not candidates:
         lines.append(f"No channel serves {model!r}: a request gets 404 model_not_found.")
@@ -150,14 +155,29 @@ def describe_proxy(channel: Channel) -> str:
     return f"direct ({channel.direct_because})" if channel.direct_because else ""
 
 
-def describe_channel(channel: Channel) -> str:
+def channel_parity_facts(channel: Channel, rewrites_model: bool) -> list[str]:
+    """Key weights and limits, and the response model rewrite, when set (never a key)."""
+    facts = []
+    limits = [f"{channel.key_label(i)} {limit}" for i in range(len(channel.api_keys)) if (limit := channel.limit_of(i).describe())]
+    if limits:
+        facts.append("key limits: " + "; ".join(limits) + " (counted per gateway process)")
+    if rewrites_model:
+        facts.append("answers name the requested model (rewrite_response_model)")
+    if not channel.tls_verify:
+        facts.append("TLS certificates not verified (tls_verify: false)")
+    elif channel.ca_file:
+        facts.append(f"TLS verified against {channel.ca_file}")
+    return facts
+
+
+def describe_channel(channel: Channel, config: GatewayConfig | None = None) -> str:
     if not channel.enabled:
         state = "disabled"
     elif channel.inactive_reason:
         state = f"inactive: {channel.inactive_reason}"
     else:
         state = "active"
-    facts = [state, "echo: built-in" if channel.is_echo else url_without_credentials(channel.chat_url)]
+    facts = [state, "echo: built-in" if channel.is_echo else ", then ".join(url_without_credentials(u) for u in channel.chat_urls)]
     if route := describe_proxy(channel):
         facts.append(route)
     if channel.api_keys:
@@ -175,6 +195,7 @@ def describe_channel(channel: Channel) -> str:
     facts.append("models: " + (", ".join(channel.supported_models) or "any"))
     if channel.model_mapping:
         facts.append("mapping: " + ", ".join(f"{k} → {v}" for k, v in channel.model_mapping))
+    facts.extend(channel_parity_facts(channel, config is not None and config.rewrites_model(channel)))
     return "; ".join(facts)
 
 
@@ -185,7 +206,7 @@ def format_config_summary(config: GatewayConfig) -> str:
     lines.append("  channels, in the order they are tried:")
     width = max((len(c.name) for c in config.channels), default=0)
     for channel in config.channels:
-        lines.append(f"    {channel.name.ljust(width)}  {describe_channel(channel)}")
+        lines.append(f"    {channel.name.ljust(width)}  {describe_channel(channel, config)}")
     active = [c.name for c in config.channels if c.active]
     lines.append(f"  serving through: {', '.join(active) or 'nothing (no active channel)'}")
     models = listed_models(config)

@@ -11,6 +11,7 @@ from mitmproxy.utils import human
 from .flowsummary import (
     TimedStreamCapture, Timing, comment_for, judge, measure, session_label, summary_line,
 )
+from .config import url_without_credentials
 from .errors import display_text
 from .gateway import client_gone, header_value
 from .handover import TOKEN_HEADER
@@ -94,7 +95,7 @@ class FlowView:
         if record is None or not record.handover_token:
             return
         # Show the upstream, not the loopback hand-over the bytes really come from.
-        flow.request.url = record.result.upstream_url
+        flow.request.url = record.result.upstream_url  # mitmproxy's URL parse drops userinfo
         flow.request.headers.pop(TOKEN_HEADER, None)
         record.capture = TimedStreamCapture(self.body_limit)
         flow.response.stream = record.capture
@@ -158,7 +159,8 @@ class FlowView:
                 upstream_model=display_text(result.route.upstream_model) if result.route else None,
                 key=result.key_label or None,
                 attempts=[
-                    {"channel": a.channel, "key": a.key, "model": a.upstream_model, "outcome": a.outcome}
+                    {"channel": a.channel, "key": a.key, "model": a.upstream_model, "outcome": a.outcome,
+                     "url": url_without_credentials(a.url)}
                     for a in result.attempts
                 ],
                 stream_failure=record.stream_failure,

@@ -14,7 +14,8 @@ from .caps import LearnedCaps, announced_cap, apply_cap, requested_output
 from .config import Channel, GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
-from .health import HealthRegistry, KeyPool, SessionChoice
+from .health import CircuitBreaker, HealthRegistry, KeyPool, SessionChoice
+from .keylimits import Lease
 from .reasoning import ReasoningCache
 from .redact import scrub_text
 from .rewrite import build_attempt_body
@@ -41,6 +42,7 @@ class Attempt:
     outcome: str  # "200", "503 overloaded", "cannot connect: ...", "skipped: ..."
     ok: bool = False
     fixes: tuple[str, ...] = ()  # labels of the request fixes this attempt's body got
+    url: str = ""  # the chat completions URL the request went to ("" when skipped)
 
     @property
     def skipped(self) -> bool:
@@ -68,6 +70,8 @@ class ForwardResult:
     origin: str = "upstream"
     # Body bytes of `stream` already read to judge its first event: sent first.
     stream_first: bytes = b""
+    # The served stream's hold on its key (rpm/concurrency limits): released at its last byte.
+    lease: Lease | None = None
     # Session affinity: how the last key was chosen for the client's session, e.g.
     # "→ pool#2", "→ pool#2 (new)", "→ pool#3 (moved from pool#2: cooling)"; "" without one.
     affinity: str = ""
@@ -126,18 +130,38 @@ class AttemptRun:
     last_answer: ForwardResult | None = None
     soonest_retry: float | None = None
     any_timeout: bool = False
+    # Holds on keys taken by this request's attempts (keylimits.py); all but a served
+    # stream's are released when the request's walk ends.
+    leases: list[Lease] = dataclasses.field(default_factory=list)
+    # Keys passed over for their rpm/concurrency limit, and skips for anything else.
+    limited: list[str] = dataclasses.field(default_factory=list)
+    other_skips: int = 0
 
-    def skip(self, route: Route, why: str, ready_at: float | None) -> None:
+    def skip(self, route: Route, why: str, ready_at: float | None, limited: list[str] = ()) -> None:
         """A channel passed over without sending anything."""
         self.attempts.append(Attempt(route.channel.name, "-", route.upstream_model, f"skipped: {why}"))
         self.soonest_retry = _earliest(self.soonest_retry, ready_at)
+        self.limited.extend(limited)
+        self.other_skips += not limited
 
-    def start(self, route: Route, index: int) -> Attempt:
+    def start(self, route: Route, index: int, url: str = "") -> Attempt:
         channel = route.channel
         self.budget -= 1
-        attempt = Attempt(channel.name, channel.key_label(index) if channel.api_keys else "-", route.upstream_model, "")
+        attempt = Attempt(
+            channel.name, channel.key_label(index) if channel.api_keys else "-", route.upstream_model, "",
+            url=url or channel.chat_url,
+        )
         self.attempts.append(attempt)
         return attempt
+
+    def breaker(self, attempt: Attempt) -> CircuitBreaker:
+        return self.health.breaker(attempt.channel, attempt.url)
+
+    def release_leases(self, keep: Lease | None) -> None:
+        for lease in self.leases:
+            if lease is not keep:
+                lease.release()
+        self.leases.clear()
 
     def fail(self, attempt: Attempt, error: "UpstreamError", prefix: str = "") -> None:
         # A client library's complaint may quote the URL, credentials included.
@@ -145,8 +169,9 @@ class AttemptRun:
         self.any_timeout = self.any_timeout or error.timeout
 
     def result(self, route: Route, status: int, reason: str, headers, **fields) -> ForwardResult:
+        fields.setdefault("upstream_url", route.channel.chat_url)
         return ForwardResult(
-            status, reason, headers, route=route, upstream_url=route.channel.chat_url,
+            status, reason, headers, route=route,
             attempts=self.attempts, candidates=len(self.plan.routes), **fields,
         )
 
@@ -176,40 +201,66 @@ class Forwarder:
             config, health, plan, request, raw_body, list(client_headers), config.max_attempts, caps=self.caps,
             reasoning=self.reasoning, session=session,
         )
-        for route in plan.routes:
-            if (served := await self.try_channel(run, route)) is not None:
-                return served
-            if run.budget <= 0:
-                break
-        return every_candidate_failed(run)
+        result = None
+        try:
+            for route in plan.routes:
+                if (result := await self.try_channel(run, route)) is not None:
+                    return result
+                if run.budget <= 0:
+                    break
+            result = every_candidate_failed(run)
+            return result
+        finally:
+            run.release_leases(keep=result.lease if result is not None and result.stream is not None else None)
 
     async def try_channel(self, run: AttemptRun, route: Route) -> ForwardResult | None:
         """The channel's keys in turn until one answers, the channel itself fails, or the
         budget is spent. None: move on to the next channel."""
-        breaker = run.health.breakers[route.channel.name]
         now = time.time()
-        if not breaker.allow(now):
-            run.skip(route, breaker.describe(now), breaker.retry_at(now))
+        gates = url_gates(run.health, route.channel, now)
+        if not gates:
+            breakers = {url: run.health.breaker(route.channel.name, url) for url in route.channel.chat_urls}
+            why = "; ".join(
+                b.describe(now) if len(breakers) == 1 else f"{url}: {b.describe(now)}" for url, b in breakers.items()
+            )
+            run.skip(route, why, min(b.retry_at(now) for b in breakers.values()))
             return None
-        # Only a half-open breaker's probe may close or re-open it.
-        probe = breaker.state == breaker.HALF_OPEN
         tried: set[int] = set()
         try:
             while run.budget > 0:
                 index = self.next_key(run, route, tried)
                 if index is None:
                     break
-                served, move_on = await self.attempt(run, route, index, probe)
+                served, move_on = await self.attempt_urls(run, route, index, gates)
                 if served is not None:
                     return served
                 if move_on == NEXT_CHANNEL:
                     break
         except asyncio.CancelledError:
-            breaker.release_probe()  # the client left; no verdict on the channel
+            for gate in gates:
+                if gate.probe:
+                    gate.breaker.release_probe()  # the client left; no verdict on the URL
             raise
-        if not tried:
-            breaker.release_probe()
+        for gate in gates:
+            if gate.probe and not gate.sent:
+                gate.breaker.release_probe()
         return None
+
+    async def attempt_urls(
+        self, run: AttemptRun, route: Route, index: int, gates: list["UrlGate"]
+    ) -> tuple[ForwardResult | None, str]:
+        """One key on the channel's URLs in order: a URL that fails the way a channel
+        fails (no connection, timeout, 5xx) hands the same key to the next URL."""
+        move_on = NEXT_CHANNEL
+        for gate in gates:
+            if gate.failed or run.budget <= 0:
+                continue
+            gate.sent = True
+            served, move_on = await self.attempt(run, route, index, gate.probe, url=gate.url)
+            if served is not None or move_on != NEXT_CHANNEL:
+                return served, move_on
+            gate.failed = True
+        return None, NEXT_CHANNEL
 
     @staticmethod
     def next_key(run: AttemptRun, route: Route, tried: set[int]) -> int | None:
@@ -219,19 +270,21 @@ class Forwarder:
         index, why_not = pool.pick(time.time(), tried, run.session)
         if index is None:
             if not tried:
-                run.skip(route, why_not, pool.soonest_ready(time.time()))
+                now = time.time()
+                run.skip(route, why_not, pool.soonest_ready(now), pool.at_limit(now))
             return None
         tried.add(index)
         return index
 
     async def attempt(
-        self, run: AttemptRun, route: Route, index: int, probe: bool, retry: bool = False
+        self, run: AttemptRun, route: Route, index: int, probe: bool, retry: bool = False, url: str = "",
     ) -> tuple[ForwardResult | None, str]:
-        """One upstream request: (the answer to serve, "") or (None, NEXT_KEY|NEXT_CHANNEL).
-        `retry`: this is the one retry on the same key after learning the upstream's cap."""
+        """One upstream request to `url` (default: the channel's first): (the answer to
+        serve, "") or (None, NEXT_KEY|NEXT_CHANNEL). `retry`: this is the one retry on the
+        same key after learning the upstream's cap."""
         channel = route.channel
-        breaker = run.health.breakers[channel.name]
-        attempt = run.start(route, index)
+        attempt = run.start(route, index, url)
+        breaker = run.breaker(attempt)
         if channel.is_echo:
             breaker.record(True, time.time(), probe)
             return answer_echo(run, route, attempt), ""
@@ -239,7 +292,7 @@ class Forwarder:
         body, attempt.fixes = attempt_body(run, route)
         sent_at = time.monotonic()
         try:
-            response = await self.send(run, channel, index, body)
+            response = await self.send(run, channel, index, body, attempt.url)
         except UpstreamError as e:
             run.fail(attempt, e)
             breaker.record(False, time.time(), probe)
@@ -247,7 +300,7 @@ class Forwarder:
 
         status = response.status
         headers = list(response.headers.items())
-        fields = {"key_label": channel.key_label(index), "sent_body": body}
+        fields = {"key_label": channel.key_label(index), "sent_body": body, "upstream_url": attempt.url}
         if status < 300 and is_event_stream(response.headers.get("content-type")):
             return await self.take_stream(run, route, index, attempt, probe, response, sent_at, fields)
 
@@ -265,7 +318,7 @@ class Forwarder:
         if not retry and verdict.action == SERVE and self.learn_cap(run, route, status, answer, body):
             attempt.outcome = f"{status} output cap {self.caps.get(channel.name, route.upstream_model)} learnt, retrying"
             breaker.record(True, time.time(), probe)
-            return await self.attempt(run, route, index, probe, retry=True)
+            return await self.attempt(run, route, index, probe, retry=True, url=attempt.url)
         return self.settle(run, route, index, attempt, probe, verdict, result)
 
     async def take_stream(
@@ -276,7 +329,7 @@ class Forwarder:
         the client. An error there is a failed attempt like an error answer; otherwise
         the stream is served, starting with the bytes read."""
         channel = route.channel
-        breaker = run.health.breakers[channel.name]
+        breaker = run.breaker(attempt)
         status = response.status
         try:
             first, data = await self.read_first_event(channel, response, sent_at)
@@ -294,7 +347,8 @@ class Forwarder:
             attempt.outcome, attempt.ok = str(status), True
             breaker.record(True, time.time(), probe)
             return run.result(
-                route, status, response.reason or "", headers, stream=response, stream_first=first, **fields,
+                route, status, response.reason or "", headers, stream=response, stream_first=first,
+                lease=run.leases[-1] if run.leases else None, **fields,
             ), ""
         response.close()
         said = verdict.reason.removeprefix(f"{status} ").removeprefix("with an error body: ")
@@ -308,7 +362,7 @@ class Forwarder:
     ) -> tuple[ForwardResult | None, str]:
         """Act on a verdict: serve, refuse, or penalise the key and move on."""
         channel = route.channel
-        breaker = run.health.breakers[channel.name]
+        breaker = run.breaker(attempt)
         # The reason may quote the upstream's message, which may quote the key.
         attempt.outcome = scrub_text(verdict.reason or str(result.status), run.config.secrets)
         if verdict.action == SERVE:
@@ -328,10 +382,14 @@ class Forwarder:
         breaker.record(not verdict.channel_failure, time.time(), probe)
         return None, NEXT_CHANNEL if verdict.action == NEXT_CHANNEL else NEXT_KEY
 
-    async def send(self, run: AttemptRun, channel: Channel, index: int, body: bytes) -> aiohttp.ClientResponse:
-        """Open the upstream request with the channel's key; UpstreamError if no answer."""
+    async def send(
+        self, run: AttemptRun, channel: Channel, index: int, body: bytes, url: str = "",
+    ) -> aiohttp.ClientResponse:
+        """Open the upstream request with the channel's key; UpstreamError if no answer.
+        The key's limits count the request from here (run.leases)."""
         headers = upstream_request_headers(run.client_headers, channel, channel.api_keys[index])
-        return await self.client.open(channel, headers, body, _deadline(run.request, channel))
+        run.leases.append(run.health.pools[channel.name].limits.acquire(index, time.time()))
+        return await self.client.open(channel, headers, body, _deadline(run.request, channel), url=url)
 
     async def read(self, run: AttemptRun, channel: Channel, response: aiohttp.ClientResponse) -> bytes:
         """A buffered answer's whole body, within what is left of `timeouts.total`."""
@@ -447,10 +505,21 @@ def answer_echo(run: AttemptRun, route: Route, attempt: Attempt) -> ForwardResul
 
 
 def every_candidate_failed(run: AttemptRun) -> ForwardResult:
-    """The answer when no candidate served: 503 when nothing was even tried, else the last
-    upstream error answer, else 502/504 naming each channel and why."""
+    """The answer when no candidate served: 429 when every candidate's keys are at their
+    limits, 503 when nothing was tried for other reasons, else the last upstream error
+    answer, else 502/504 naming each channel and why."""
     attempts, candidates = run.attempts, len(run.plan.routes)
     summary = "; ".join(f"{a.channel} ({a.key}): {a.outcome}" for a in attempts)
+    if run.limited and not run.other_skips and not any(not a.skipped for a in attempts):
+        return gateway_error(
+            429,
+            f"Every key that serves model {run.plan.model!r} is at the limit the gateway's config "
+            f"sets for it (api_keys rpm / max_concurrency, counted by this gateway process): "
+            f"{', '.join(run.limited)}. Retry after the Retry-After seconds, or raise the limits. {summary}.",
+            "requests", "rate_limit_exceeded",
+            retry_after=None if run.soonest_retry is None else run.soonest_retry - time.time(),
+            attempts=attempts, candidates=candidates,
+        )
     if not any(not a.skipped for a in attempts):
         return gateway_error(
             503,
@@ -474,6 +543,27 @@ def every_candidate_failed(run: AttemptRun) -> ForwardResult:
         f"No upstream answered for model {run.plan.model!r}. Tried: {summary}.",
         "upstream_error", code, attempts=attempts, candidates=candidates,
     )
+
+
+@dataclasses.dataclass
+class UrlGate:
+    """One of a channel's URLs that its breaker lets a request through to."""
+
+    url: str
+    breaker: CircuitBreaker
+    probe: bool  # let through by a half-open breaker: only this request's result may close it
+    sent: bool = False
+    failed: bool = False  # failed like a channel fails: the next URL gets the next try
+
+
+def url_gates(health: HealthRegistry, channel: Channel, now: float) -> list[UrlGate]:
+    """The channel's URLs whose breakers allow a request now, in order."""
+    gates = []
+    for url in channel.chat_urls:
+        breaker = health.breaker(channel.name, url)
+        if breaker.allow(now):
+            gates.append(UrlGate(url, breaker, breaker.state == breaker.HALF_OPEN))
+    return gates
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

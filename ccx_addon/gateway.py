@@ -21,6 +21,7 @@ from .flowsummary import SESSION_HEADERS
 from .forwarding import Attempt, Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
+from .modelrewrite import ModelRewrite, first_model, rewrite_buffered
 from .reasoning import ReasoningObserver, capture_completion
 from .redact import StreamScrubber, scrub_bytes, scrub_headers
 from .requestcheck import decode_body
@@ -178,9 +179,12 @@ class ChatGateway:
         record.result = result
         self.show_upstream_request(flow, result, config.secrets)
         transforms = self.capture_reasoning(result)
+        rewrite_to = chat.model if result.ok and result.route and config.rewrites_model(result.route.channel) else None
         if result.stream is not None:
-            self.hand_over(flow, record, result, health, config.secrets, transforms)
+            self.hand_over(flow, record, result, health, config.secrets, transforms, rewrite_to)
         else:
+            if rewrite_to is not None:
+                rewrite_answer_model(result, rewrite_to)
             self.respond(flow, result, config.secrets)
 
     def capture_reasoning(self, result: ForwardResult) -> list:
@@ -243,28 +247,37 @@ class ChatGateway:
 
     def hand_over(
         self, flow: http.HTTPFlow, record: FlowRecord, result: ForwardResult, health: HealthRegistry,
-        secrets: tuple[str, ...] = (), transforms: list | None = None,
+        secrets: tuple[str, ...] = (), transforms: list | None = None, rewrite_to: str | None = None,
     ) -> None:
         """`health` is the registry the request started with: a reload since then may have
-        installed one without this channel; `secrets`, that config's keys."""
+        installed one without this channel; `secrets`, that config's keys; `transforms`,
+        steps after decoding and scrubbing; `rewrite_to`: the model every chunk names
+        (rewrite_response_model)."""
         route = result.route
 
         def on_end(failure: str | None) -> None:
+            if result.lease is not None:
+                result.lease.release()  # the key's concurrency slot frees at the last byte
             record.stream_failure = failure
             if failure and "upstream" in failure:
-                health.breakers[route.channel.name].record(False, time.time())
+                health.breaker(route.channel.name, result.upstream_url).record(False, time.time())
 
+        headers = self.scrubbed_headers(result.headers, secrets) + gateway_headers(result)
+        # Decoding and scrubbing first: later steps see plain, scrubbed bytes.
+        steps = stream_transforms(result.stream.headers.get("content-encoding"), secrets) + list(transforms or ())
+        if rewrite_to is not None:
+            steps.append(ModelRewrite(rewrite_to))
+            if (original := first_model(result.stream_first)) is not None:
+                headers.append(answer_model_header(original))
         token = self.handover.register(PendingStream(
             response=result.stream,
             status=result.status,
             reason=result.reason,
-            headers=self.scrubbed_headers(result.headers, secrets) + gateway_headers(result),
+            headers=headers,
             idle_timeout=route.channel.timeouts.idle,
             on_end=on_end,
+            transforms=steps,
             first=result.stream_first,
-            # Decoding and scrubbing first: later steps see plain, scrubbed bytes.
-            transforms=stream_transforms(result.stream.headers.get("content-encoding"), secrets)
-            + list(transforms or ()),
         ))
         record.handover_token = token
         # Retarget to the hand-over server; the Host header keeps naming the upstream.
@@ -292,6 +305,19 @@ def stream_transforms(content_encoding: str | None, secrets: tuple[str, ...]) ->
     if secrets:
         steps.append(StreamScrubber(secrets))
     return steps
+def answer_model_header(original: str) -> tuple[str, str]:
+    """The model the upstream's answer named before rewrite_response_model replaced it:
+    kept visible in the flow view (and to the client)."""
+    return ("x-ccx-answer-model", header_value(original))
+
+
+def rewrite_answer_model(result: ForwardResult, model: str) -> None:
+    """A buffered answer names `model` (rewrite_response_model); the header keeps the
+    upstream's own."""
+    content_type = next((v for k, v in result.headers if k.lower() == "content-type"), "")
+    result.body, original = rewrite_buffered(result.body or b"", content_type, model)
+    if original is not None:
+        result.headers = [*result.headers, answer_model_header(original)]
 
 
 def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:

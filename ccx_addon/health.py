@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 
 from .config import AffinitySettings, BreakerSettings, Channel, GatewayConfig
+from .keylimits import KeyLimits
 
 
 @dataclasses.dataclass
@@ -24,13 +25,16 @@ class KeyPool:
         # The echo channel has no key but still needs one slot to be picked.
         self.states = [KeyState() for _ in channel.api_keys or ("",)]
         self._next = 0
+        # Weights and rpm/concurrency limits (keylimits.py): consulted in pick's loop only.
+        self.limits = KeyLimits(channel, len(self.states))
 
     def pick(
         self, now: float, tried: set[int], session: "SessionChoice | None" = None
     ) -> tuple[int | None, str]:
         """The next usable key index, or None and why none is usable. With a `session`, its
-        bound key while that key is usable; otherwise the next key in rotation, which the
-        session is then bound to (so new sessions spread over the pool)."""
+        bound key while that key is usable; otherwise the next key in rotation (by weight,
+        skipping keys at their rpm/concurrency limit), which the session is then bound to
+        (so new sessions spread over the pool)."""
         if session is not None and self.sticky:
             return self._pick_for_session(now, tried, session)
         if session is not None:
@@ -38,13 +42,11 @@ class KeyPool:
         return self._rotate(now, tried)
 
     def _rotate(self, now: float, tried: set[int]) -> tuple[int | None, str]:
-        count = len(self.states)
-        for step in range(count):
-            index = (self._next + step) % count
+        for index in self.limits.order(self._next):
             state = self.states[index]
-            if index in tried or state.disabled or state.cooling_until > now:
+            if index in tried or state.disabled or state.cooling_until > now or self.limits.blocked(index, now):
                 continue
-            self._next = (index + 1) % count
+            self._next = self.limits.chosen(index)
             return index, ""
         return None, self.describe_unusable(now, tried)
 
@@ -82,6 +84,8 @@ class KeyPool:
             return "cooling"
         if index in tried:
             return "failed"
+        if self.limits.blocked(index, now):
+            return "at its limit"
         return ""
 
     def describe_unusable(self, now: float, tried: set[int]) -> str:
@@ -94,14 +98,25 @@ class KeyPool:
                 reasons.append(f"key {label} disabled ({state.disabled})")
             elif state.cooling_until > now:
                 reasons.append(f"key {label} cooling down for {state.cooling_until - now:.0f}s")
+            elif why := self.limits.blocked(index, now):
+                reasons.append(f"key {label} at its limit: {why}")
         return "; ".join(reasons) or "every key already tried"
 
     def soonest_ready(self, now: float) -> float | None:
-        times = [s.cooling_until for s in self.states if not s.disabled and s.cooling_until > now]
-        usable_now = any(not s.disabled and s.cooling_until <= now for s in self.states)
-        if usable_now:
-            return now
-        return min(times) if times else None
+        """When a key is usable again (cooldowns and limits), None when every key is disabled."""
+        times = [
+            max(s.cooling_until, self.limits.free_at(i, now))
+            for i, s in enumerate(self.states) if not s.disabled
+        ]
+        return max(now, min(times)) if times else None
+
+    def at_limit(self, now: float) -> list[str]:
+        """Keys passed over only for their rpm/concurrency limit, each with its limit."""
+        return [
+            f"{self.channel.key_label(i)} ({why})"
+            for i, s in enumerate(self.states)
+            if not s.disabled and s.cooling_until <= now and (why := self.limits.blocked(i, now))
+        ]
 
     def cool_down(self, index: int, seconds: float, now: float) -> None:
         state = self.states[index]
@@ -312,8 +327,13 @@ class HealthRegistry:
 
     def __init__(self, config: GatewayConfig, previous: "HealthRegistry | None" = None) -> None:
         self.pools = {c.name: KeyPool(c) for c in config.channels}
+        # One breaker per channel URL: `breakers[name]` is the first URL's (the only one of
+        # most channels), `url_breakers` hold those of a channel's other `base_urls`.
         self.breakers = {c.name: CircuitBreaker(config.breaker) for c in config.channels}
         self.sessions = SessionBindings(config.session_affinity)
+        self.url_breakers = {
+            (c.name, url): CircuitBreaker(config.breaker) for c in config.channels for url in c.chat_urls[1:]
+        }
         if previous is not None:
             self._carry_over(previous)
             self.sessions = previous.sessions.carried_over(config.session_affinity, self.pools, previous.pools)
@@ -329,6 +349,8 @@ class HealthRegistry:
         they come back."""
         for name, pool in self.pools.items():
             old_pool = previous.pools.get(name)
+            if old_pool is not None:
+                pool.limits.carry_over(old_pool.limits, old_pool.channel.api_keys, pool.channel.api_keys)
             if old_pool is None or old_pool.channel.base_url != pool.channel.base_url:
                 continue
             cooling = {
@@ -341,6 +363,13 @@ class HealthRegistry:
             if old_breaker.settings == self.breakers[name].settings:
                 # Shared, so results of requests still running on the old config count.
                 self.breakers[name] = old_breaker
+        for url_key in self.url_breakers.keys() & previous.url_breakers.keys():
+            if previous.url_breakers[url_key].settings == self.url_breakers[url_key].settings:
+                self.url_breakers[url_key] = previous.url_breakers[url_key]
+
+    def breaker(self, channel: str, chat_url: str) -> CircuitBreaker:
+        """The breaker of one of a channel's URLs (its chat completions URL)."""
+        return self.url_breakers.get((channel, chat_url)) or self.breakers[channel]
 
     def snapshot(self, now: float) -> dict[str, dict]:
         """Non-secret health state per channel, for /health and `ccx.explain`."""
@@ -360,4 +389,12 @@ class HealthRegistry:
                     for i, s in enumerate(pool.states)
                 ],
             }
+            for i, key in enumerate(out[name]["keys"]):
+                if why := pool.limits.blocked(i, now):
+                    key["at_limit"] = why
+            if len(pool.channel.urls) > 1:
+                urls = {url: self.breaker(name, url).state for url in pool.channel.chat_urls}
+                out[name]["urls"] = urls
+                # The channel serves while any of its URLs does.
+                out[name]["circuit"] = min(urls.values(), key=(CircuitBreaker.CLOSED, CircuitBreaker.HALF_OPEN, CircuitBreaker.OPEN).index)
         return out

@@ -8,8 +8,10 @@ reaches the client; see shared/notes/mitmproxy.md, "Failover: the limit".
 import asyncio
 import email.utils
 import errno
+import functools
 import json
 import os
+import ssl
 import time
 from collections.abc import Iterable
 
@@ -205,7 +207,7 @@ class UpstreamClient:
 
     async def open(
         self, channel: Channel, headers: dict[str, str], body: bytes,
-        deadline: float | None = None,
+        deadline: float | None = None, url: str = "",
     ) -> aiohttp.ClientResponse:
         """Send the request; return once response headers arrived. A streaming request
         waits up to `response_headers` for the stream to start; a non-streaming one (whose
@@ -218,19 +220,20 @@ class UpstreamClient:
         else:
             limit = timeouts.response_headers
             expired = f"no response headers within {limit:g}s" if limit is not None else ""
-        response = await self._post(channel, headers, body, limit, expired)
+        response = await self._post(channel, url or channel.chat_url, headers, body, limit, expired)
         if problem := unsupported_encoding(response.headers.get("content-encoding")):
             response.close()
             raise UpstreamError(problem)
         return response
 
-    async def _post(self, channel: Channel, headers, body: bytes, limit, expired: str) -> aiohttp.ClientResponse:
+    async def _post(self, channel: Channel, url: str, headers, body: bytes, limit, expired: str) -> aiohttp.ClientResponse:
         timeouts = channel.timeouts
         try:
             async with asyncio.timeout(limit):
                 return await self.post_via(
                     channel,
-                    channel.chat_url,
+                    url,
+                    ssl=tls_for(channel),
                     data=body,
                     headers=headers,
                     allow_redirects=False,
@@ -243,6 +246,8 @@ class UpstreamClient:
             raise UpstreamError(f"connect timeout after {timeouts.connect:g}s", timeout=True) from None
         except TimeoutError:
             raise UpstreamError(expired, timeout=True) from None
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise UpstreamError(certificate_problem(channel, e)) from None
         except aiohttp.ClientConnectorError as e:
             raise UpstreamError(f"cannot connect: {_os_reason(e)}") from None
         except aiohttp.ServerDisconnectedError:
@@ -288,12 +293,14 @@ class UpstreamClient:
     async def get(
         self, channel: Channel, url: str, headers: dict[str, str], timeout: float, limit: int,
     ) -> tuple[int, bytes]:
-        """A small GET (an upstream's /models list) through the channel's proxy, if any:
-        status and body, within `timeout` seconds and `limit` bytes, or UpstreamError."""
+        """A small GET (an upstream's /models list) through the channel's proxy, if any, with
+        its TLS settings: status and body, within `timeout` seconds and `limit` bytes, or
+        UpstreamError."""
         session, proxy_arg = self.connection_for(channel.proxy)
         try:
             async with asyncio.timeout(timeout):
-                async with session.get(url, headers=headers, allow_redirects=False, proxy=proxy_arg) as response:
+                async with session.get(url, headers=headers, allow_redirects=False, proxy=proxy_arg,
+                                       ssl=tls_for(channel)) as response:
                     body = await response.content.read(limit + 1)
                     if len(body) > limit:
                         raise UpstreamError(f"response body larger than {limit} bytes")
@@ -344,6 +351,34 @@ def socks_failure(proxy: Proxy, error: Exception) -> tuple[str, bool] | None:
         cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
         return proxy_unreachable(proxy, cause if isinstance(cause, OSError) else None), False
     return f"proxy {proxy.address}: {message}", False
+
+
+def tls_for(channel: Channel) -> "ssl.SSLContext | bool":
+    """How the channel's HTTPS upstreams are verified: aiohttp's default (True), not at
+    all (`tls_verify: false`), or against the channel's own CA file (`ca_file`)."""
+    if not channel.tls_verify:
+        return False
+    if channel.ca_file:
+        return _ca_context(channel.ca_file)
+    return True
+
+
+@functools.lru_cache(maxsize=32)
+def _ca_context(ca_file: str) -> ssl.SSLContext:
+    # One context per file: aiohttp pools connections per context, and loading is slow.
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def certificate_problem(channel: Channel, error: aiohttp.ClientConnectorCertificateError) -> str:
+    """An attempt outcome for a certificate the gateway cannot verify, saying how to fix it."""
+    cert_error = error.certificate_error
+    why = getattr(cert_error, "verify_message", None) or getattr(cert_error, "reason", None) or type(cert_error).__name__
+    fix = (
+        f"this channel's ca_file ({channel.ca_file}) does not vouch for it" if channel.ca_file else
+        "if the upstream uses a self-signed or private-CA certificate, set ca_file: /path/to/ca.pem "
+        "on the channel (or tls_verify: false, which skips verification)"
+    )
+    return f"TLS certificate problem ({why}) at {error.host}:{error.port}: {fix}"
 
 
 def _os_reason(error: aiohttp.ClientConnectorError) -> str:

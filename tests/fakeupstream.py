@@ -97,8 +97,10 @@ def openai_like(received: Received) -> Steps:
 
 
 class FakeUpstream:
-    def __init__(self, behaviour: Callable[[Received], Steps] = openai_like) -> None:
+    def __init__(self, behaviour: Callable[[Received], Steps] = openai_like, ssl_context=None) -> None:
+        """`ssl_context`: serve HTTPS with it (a server-side ssl.SSLContext)."""
         self.behaviour = behaviour
+        self.ssl_context = ssl_context
         self.received: list[Received] = []
         self.connections = 0
         self.aborted = 0  # answers cut short because the peer went away
@@ -109,7 +111,7 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def chats(self) -> list[Received]:
@@ -123,7 +125,9 @@ class FakeUpstream:
         return self
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024)  # load tests
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", 0, backlog=1024, ssl=self.ssl_context,  # backlog: load tests
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:

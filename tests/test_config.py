@@ -150,13 +150,18 @@ def test_shipped_configs_load():
     assert [c.base_url for c in example.channels] == [
         "https://api.openai.com/v1", "https://api.deepseek.com", "https://open.bigmodel.cn/api/paas/v4",
         "https://api.minimax.io/v1", "https://api.moonshot.ai/v1", "https://llm.example.com/v1",
+        "https://vllm.internal:8000/v1",
     ]
     # Each shipped provider channel names its own preset.
     assert {c.name: c.preset for c in default.channels} == {
         "openai": "openai", "deepseek": "deepseek", "glm": "glm", "minimax": "minimax", "kimi": "kimi", "echo": "",
     }
-    assert [c.preset for c in example.channels] == ["openai", "deepseek", "glm", "minimax", "kimi", ""]
-    assert [glob for glob, _ in example.channels[-1].fixes] == ["*", "other-reasoner* !other-reasoner-lite*"]
+    assert [c.preset for c in example.channels] == ["openai", "deepseek", "glm", "minimax", "kimi", "", ""]
+    assert [glob for glob, _ in example.channels[-2].fixes] == ["*", "other-reasoner* !other-reasoner-lite*"]
+    glm = example.channels[2]
+    assert glm.urls == ("https://open.bigmodel.cn/api/paas/v4", "https://api.z.ai/api/paas/v4")
+    assert glm.api_keys == ("x",) and glm.limit_of(0).rpm == 60 and glm.limit_of(0).max_concurrency == 2
+    assert example.rewrites_model(glm) and not example.rewrites_model(example.channels[0])
 
 
 def test_missing_file():

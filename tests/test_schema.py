@@ -37,6 +37,7 @@ def schema_errors(value, schema: dict, path: str = "$", root: dict = SCHEMA) -> 
     unknown = set(schema) - ANNOTATIONS - {
         "type", "properties", "additionalProperties", "required", "items", "minItems", "enum",
         "const", "minimum", "maximum", "minLength", "pattern", "$ref", "if", "then", "else", "not",
+        "oneOf",
     }
     assert not unknown, f"the test validator does not know {unknown}"
     if "$ref" in schema:
@@ -84,6 +85,10 @@ def schema_errors(value, schema: dict, path: str = "$", root: dict = SCHEMA) -> 
                 errors += schema_errors(sub, extra, f"{path}.{name}", root)
     if "not" in schema and not schema_errors(value, schema["not"], path, root):
         errors.append(f"{path}: matches a schema it must not match")
+    if "oneOf" in schema:
+        matching = [s for s in schema["oneOf"] if not schema_errors(value, s, path, root)]
+        if len(matching) != 1:
+            errors.append(f"{path}: matches {len(matching)} of the oneOf schemas, not exactly one")
     if "if" in schema:
         branch = "then" if not schema_errors(value, schema["if"], path, root) else "else"
         if branch in schema:
@@ -104,12 +109,18 @@ def test_shipped_configs_validate_and_point_at_the_schema(name):
 
 VALID = """
     proxy_access_keys: ["k"]
+    rewrite_response_model: false
     channels:
       - name: main
         base_url: https://api.example.com/v1
         api_keys: ["sk-1"]
         enabled: "${MAIN_ON:-true}"
         timeouts: {connect: 5, idle: null}
+      - name: multi
+        base_urls: [https://a.example.com/v1, https://b.example.com/v1]
+        api_keys: ["sk-2", {key: "sk-3", weight: 3, rpm: 60, max_concurrency: 2}]
+        tls_verify: false
+        rewrite_response_model: true
       - name: echo
         base_url: "echo:"
         fallback: true
@@ -130,6 +141,11 @@ VALID = """
     ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    fixes: {role_map: {developer: boss}}\n", "role_map"),
     ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    fixes: {models: {\"a*\": {models: {}}}}\n", "models"),
     ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    fixes: {reasoning_passback: {scope: some}}\n", "scope"),
+    ("channels:\n  - name: main\n    base_url: https://x/v1\n    base_urls: [https://y/v1]\n    api_keys: [k]\n", "oneOf"),
+    ("channels:\n  - name: main\n    api_keys: [k]\n", "oneOf"),
+    ("channels:\n  - name: main\n    base_urls: [https://x/v1]\n    api_keys: [{key: k, rpm: 0}]\n", "api_keys[0]"),
+    ("channels:\n  - name: main\n    base_urls: [https://x/v1]\n    api_keys: [{key: k, burst: 2}]\n", "api_keys[0]"),
+    ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\n    tls_verify: 3\n", "tls_verify"),
     ("channels:\n  - name: main\n    base_url: https://x/v1\n    api_keys: [k]\ncircuit_breaker: {failure_ratio: 2}\n", "failure_ratio"),
 ])
 def test_schema_and_loader_both_refuse_broken_configs(broken, where):
@@ -149,7 +165,8 @@ def test_schema_fields_are_the_fields_config_py_accepts():
     assert set(channel) == ccx_config._CHANNEL_FIELDS
     assert set(channel["timeouts"]["properties"]) == ccx_config._TIMEOUT_FIELDS
     assert set(top["circuit_breaker"]["properties"]) == ccx_config._BREAKER_FIELDS
-    assert set(SCHEMA["definitions"]["channel"]["required"]) == {"name", "base_url"}
+    assert set(SCHEMA["definitions"]["channel"]["required"]) == {"name"}
+    assert SCHEMA["definitions"]["channel"]["oneOf"] == [{"required": ["base_url"]}, {"required": ["base_urls"]}]
     assert set(SCHEMA["definitions"]["fixes"]["properties"]) == ccx_config._FIXES_FIELDS
     assert set(SCHEMA["definitions"]["fix"]["properties"]) == ccx_config._FIX_FIELDS
     # The schema's defaults are the loader's.
