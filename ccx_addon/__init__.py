@@ -9,6 +9,7 @@ def make_addons() -> list:
     from .access import AccessGate
     from .backstop import UnhandledRequestGuard
     from .configstore import ConfigStore
+    from .contentview import ChatViewAddon
     from .explain import Explain
     from .flowlist import CommentColumn, FlowLimit
     from .flowview import FlowView
@@ -25,6 +26,7 @@ def make_addons() -> list:
         FlowView(state),
         CommentColumn(),
         FlowLimit(),
+        ChatViewAddon(),
         Explain(state),
         UnhandledRequestGuard(state),  # last: answers what the others left unanswered
     ]

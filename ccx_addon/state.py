@@ -32,6 +32,8 @@ class FlowRecord:
     # itself is rewritten to show what went upstream.
     client_request: dict = dataclasses.field(default_factory=dict)
     session: str = ""  # a short label of the client's session id (not a secret)
+    # Ids of the flows that show this request's failed upstream attempts (attemptflows.py).
+    attempt_flows: list[str] = dataclasses.field(default_factory=list)
 
 
 class GatewayState:

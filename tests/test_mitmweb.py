@@ -4,53 +4,20 @@ is on, streamed bodies are readable, the `ccx.explain` command answers, and no p
 upstream key appears anywhere mitmweb can show."""
 
 import json
-import time
 
 import httpx
 import openai
 import pytest
-from mitmproxy.version import VERSION
-
 from conftest import PROXY_KEY, UPSTREAM_KEYS, channel, config
 from fakeupstream import json_answer
-from gateway_process import start_gateway
-from harness import free_port
+from webapi import start_mitmweb
 
-# mitmweb 11.1.2+ asks for a token; `web_password` sets it and the API takes it as a Bearer.
-NEEDS_PASSWORD = int(VERSION.split(".")[0]) >= 12
-WEB_PASSWORD = "web-ui-password-for-tests"
 SECRETS = (PROXY_KEY, *UPSTREAM_KEYS)
 
 
 def leaky(received):
     """An upstream that quotes the key it was sent in its error, as some do."""
     return json_answer(503, {"error": {"message": f"bad key {received.headers['authorization']}", "type": "x", "param": None, "code": None}})
-
-
-class WebApi:
-    def __init__(self, port: int) -> None:
-        headers = {"authorization": f"Bearer {WEB_PASSWORD}"} if NEEDS_PASSWORD else {}
-        # mitmweb's POST routes check tornado's XSRF token: cookie and header must agree.
-        xsrf = "ccx-test-xsrf-token"
-        cookies = {"_xsrf": xsrf, "_mitmproxy_xsrf": xsrf}
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={**headers, "x-xsrftoken": xsrf},
-                                   cookies=cookies, timeout=10)
-
-    def get(self, path: str) -> httpx.Response:
-        response = self.client.get(path)
-        assert response.status_code == 200, (path, response.status_code, response.text[:300])
-        return response
-
-    def wait_until_up(self, timeout: float = 20) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                if self.client.get("/flows").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("mitmweb's web server did not come up")
 
 
 @pytest.fixture
@@ -60,14 +27,8 @@ def mitmweb(upstreams, write_config, tmp_path):
         channel("leaky", leaky_up.url + "/v1", keys=(UPSTREAM_KEYS[0],)),
         channel("good", good.url + "/v1", keys=(UPSTREAM_KEYS[1], UPSTREAM_KEYS[2]), extra="model_mapping: {gpt: good-model}"),
     ))
-    web_port = free_port()
-    args = ["--set", "web_open_browser=false", "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1"]
-    if NEEDS_PASSWORD:
-        args += ["--set", f"web_password={WEB_PASSWORD}"]
-    gw = start_gateway(cfg, tmp_path, *args, tool="mitmweb")
-    api = WebApi(web_port)
+    gw, api = start_mitmweb(cfg, tmp_path)
     try:
-        api.wait_until_up()
         yield gw, api
     finally:
         gw.stop()
@@ -90,14 +51,14 @@ def test_mitmweb_shows_the_flow_log_without_any_key(mitmweb):
     assert len(flows) == 3
     served, streamed, rejected = sorted(flows, key=lambda f: f["timestamp_created"])
     for flow in (served, streamed):
-        assert flow["comment"].startswith("ccx good (good#")
-        assert "gpt-5 → good-model | attempt 2/2, failover after leaky (leaky#1): 503" in flow["comment"]
+        assert flow["comment"].startswith("✓ good ⟵ leaky 503 | gpt-5→good-model | 200")
+        assert "| failover after leaky (leaky#1): 503 " in flow["comment"] and "| key good#" in flow["comment"]
         assert flow["marked"] == "🟡"  # mitmweb sends the marker as an emoji
         assert flow["request"]["pretty_host"] == "127.0.0.1"
         headers = dict(flow["request"]["headers"])
         assert headers["x-ccx-requested-model"] == "gpt-5"
     assert "| 200 stream | ttft " in streamed["comment"] and streamed["comment"].endswith("| session BSESSION")
-    assert rejected["comment"] == "ccx rejected: 401 invalid_api_key" and rejected["marked"] == "🟠"
+    assert rejected["comment"] == "⊘ rejected 401 invalid_api_key" and rejected["marked"] == "🟠"
 
     # The streamed answer is readable in the response tab, the mapped model in the request tab.
     body = api.get(f"/flows/{streamed['id']}/response/content.data").text
