@@ -1,0 +1,72 @@
+"""The chat content view's rendering (pure functions) and the flow comment's verdict."""
+
+import json
+
+from ccx_addon.chatrender import assemble, render_answer, render_chat_body, render_request
+from ccx_addon.flowsummary import short_outcome
+
+
+def ev(payload) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def test_request_is_the_conversation_turn_by_turn_then_the_tools():
+    text = render_request({
+        "model": "gpt-5", "stream": True, "temperature": 0.2,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "what is in a.py?"}, {"type": "image_url", "image_url": {}}]},
+            {"role": "assistant", "content": None, "reasoning_content": "look first",
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "read", "arguments": "{\"path\":\"a.py\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "print(1)"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "read", "description": "Read a file.\nMore.",
+                                                    "parameters": {"required": ["path"], "properties": {
+                                                        "path": {"type": "string"}, "limit": {"type": "integer"}}}}}],
+    })
+    assert text.split("\n") == [
+        'model: "gpt-5"  stream: true  temperature: 0.2',
+        "── system ──", "Be brief.",
+        "── user ──", "what is in a.py?", "[image_url]",
+        "── assistant ──", "  (reasoning) look first", '  → tool call read (c1): {"path": "a.py"}',
+        "── tool (c1) ──", "print(1)",
+        "── tools (1) ──", "read(path: string*, limit: integer) — Read a file.",
+    ]
+
+
+def test_stream_is_assembled_across_events_and_choices():
+    body = b"".join([
+        ev({"model": "m", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}}]}),
+        b": keep-alive\n\n",
+        ev({"choices": [{"index": 0, "delta": {"content": "lo", "reasoning": "r1"}}]}),
+        ev({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "b", "function": {"name": "g", "arguments": "{\"x\""}}]}}]}),
+        ev({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f", "arguments": "{}"}}]}}]}),
+        ev({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "function": {"arguments": ": 1}"}}]}}]}),
+        ev({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+        ev({"error": {"message": "stream interrupted", "code": "stream_interrupted"}}),
+        b"data: {\"choices\": [{\"delta\": {\"content\": \"cut",  # an incomplete last event
+    ])
+    answer = assemble(body)
+    assert (answer.text, answer.reasoning, answer.finish_reason, answer.done) == ("Hello", "r1", "tool_calls", False)
+    assert [(c.name, c.arguments) for c in sorted(answer.tool_calls.values(), key=lambda c: c.index)] == [
+        ("f", "{}"), ("g", '{"x": 1}')]
+    text = render_answer(answer, streamed=True)
+    assert text.startswith("7 events, no [DONE] (cut short or still running), model m\n")
+    assert '#1 g (b)\n  {"x": 1}' in text and "usage: n/a" in text
+    assert text.endswith("── error ──\nstream interrupted [stream_interrupted]")
+
+
+def test_only_chat_bodies_are_rendered():
+    assert render_chat_body(b'{"model": "m"}', is_request=True) is None  # no messages
+    assert render_chat_body(b"<html>", is_request=False) is None
+    assert render_chat_body(b"not json", is_request=True) is None
+    error = render_chat_body(b'{"error": {"message": "bad key", "type": "x"}}', is_request=False)
+    assert error.endswith("── error ──\nbad key")
+
+
+def test_failed_attempts_are_named_in_a_word_or_two():
+    assert short_outcome("503 overloaded") == "503"
+    assert short_outcome("skipped: circuit open after repeated failures, next probe in 4s") == "circuit open"
+    assert short_outcome("connect timeout after 0.3s") == "timeout"
+    assert short_outcome("no response headers within 5s") == "timeout"
+    assert short_outcome("cannot connect: Connection refused (127.0.0.1:9)") == "unreachable"

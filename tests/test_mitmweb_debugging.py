@@ -1,0 +1,179 @@
+"""mitmweb as the debugging tool (issue 10), through mitmweb's own REST API on a real
+`mitmweb -s ccx_addon/addon.py`: failed attempts as flows of their own, local answers with
+the URL the client called, client aborts that keep their partial body, the chat content
+view for JSON and SSE answers."""
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from conftest import PROXY_KEY, UPSTREAM_KEYS, channel, config
+from fakeupstream import chunk, http_head, json_answer, openai_like, sse_answer
+from webapi import start_mitmweb
+
+CHAT = "/v1/chat/completions"
+AUTH = {"authorization": f"Bearer {PROXY_KEY}"}
+SECRETS = (PROXY_KEY, *UPSTREAM_KEYS)
+SSE_HEAD = http_head(200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"})
+OVERLOADED = {"error": {"message": "flaky upstream is overloaded right now", "type": "server_error", "param": None, "code": "overloaded"}}
+
+
+def ev(payload) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def delta(**fields) -> bytes:
+    return ev({"id": "c1", "object": "chat.completion.chunk", "model": "up-model",
+               "choices": [{"index": 0, "delta": fields, "finish_reason": None}]})
+
+
+TOOL_EVENTS = [
+    delta(role="assistant", content=""),
+    delta(reasoning_content="The user wants "),
+    delta(reasoning_content="a file."),
+    delta(content="Reading it"),
+    delta(content=" now."),
+    delta(tool_calls=[{"index": 0, "id": "call_1", "type": "function", "function": {"name": "read_file", "arguments": ""}}]),
+    delta(tool_calls=[{"index": 0, "function": {"arguments": '{"path": "src/'}}]),
+    delta(tool_calls=[{"index": 0, "function": {"arguments": 'main.py"}'}}]),
+    ev({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+    ev({"id": "c1", "object": "chat.completion.chunk", "choices": [],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}}),
+    b"data: [DONE]\n\n",
+]
+TOOL_COMPLETION = {
+    "id": "c2", "object": "chat.completion", "model": "up-model",
+    "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": "Let me look.", "reasoning_content": "Need the file first.",
+        "tool_calls": [{"id": "call_9", "type": "function", "function": {"name": "grep", "arguments": '{"pattern": "TODO"}'}}],
+    }}],
+    "usage": {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39},
+}
+
+
+def scripted(received):
+    """The last user message picks the answer."""
+    messages = received.json.get("messages") or [{}]
+    scenario = messages[-1].get("content", "")
+    if scenario == "abort":  # two events, then nothing until the client gives up
+        return [("send", SSE_HEAD + chunk(TOOL_EVENTS[0]) + chunk(TOOL_EVENTS[3])), ("hang",)]
+    if scenario == "tools-sse":
+        return sse_answer(TOOL_EVENTS)
+    if scenario == "tools-json":
+        return json_answer(200, TOOL_COMPLETION)
+    return openai_like(received)
+
+
+def overloaded(received):
+    return json_answer(503, OVERLOADED, {"x-request-id": "flaky-req-1"})
+
+
+@pytest.fixture
+def web(upstreams, write_config, tmp_path):
+    flaky, main = upstreams(overloaded), upstreams(scripted)
+    cfg = write_config(config(
+        channel("flaky", flaky.url + "/v1", keys=(UPSTREAM_KEYS[0],), extra='supported_models: ["fo-*"]'),
+        channel("main", main.url + "/v1", keys=(UPSTREAM_KEYS[1],), extra="model_mapping: {gpt: up-model}"),
+    ))
+    gw, api = start_mitmweb(cfg, tmp_path)
+    try:
+        yield gw, api, flaky, main
+    finally:
+        gw.stop()
+        api.client.close()
+
+
+def chat(gw, scenario: str = "hi", model: str = "gpt-5", stream: bool = False) -> httpx.Response:
+    body = {"model": model, "stream": stream, "messages": [
+        {"role": "system", "content": "You are a coding agent."},
+        {"role": "user", "content": scenario},
+    ], "tools": [{"type": "function", "function": {"name": "read_file", "description": "Read a file.",
+                                                    "parameters": {"type": "object", "required": ["path"],
+                                                                   "properties": {"path": {"type": "string"}}}}}]}
+    return httpx.post(gw.url + CHAT, json=body, headers=AUTH, timeout=10)
+
+
+def view_text(api, flow_id: str, message: str, view: str) -> tuple[str, str]:
+    """(description, text) of a content view, from mitmweb 11's styled lines or 12's text."""
+    data = api.get(f"/flows/{flow_id}/{message}/content/{view}.json").json()
+    if "lines" in data:
+        text = "\n".join("".join(part[1] for part in line) for line in data["lines"])
+    else:
+        text = data["text"]
+    return data.get("description", "") or data.get("view_name", ""), text
+
+
+def only_flow(api, predicate) -> dict:
+    [flow] = api.wait_for_flows(predicate, 1)
+    return flow
+
+
+def test_content_view_renders_json_and_sse_answers(web):
+    gw, api, _, _ = web
+    assert chat(gw, "tools-sse", stream=True).status_code == 200
+    assert chat(gw, "tools-json").status_code == 200
+    flows = api.wait_for_flows(lambda f: f["request"]["path"] == CHAT, 2)
+    streamed, buffered = sorted(flows, key=lambda f: f["timestamp_created"])
+
+    _, text = view_text(api, streamed["id"], "response", "chat")
+    assert "── reasoning ──\nThe user wants a file." in text
+    assert "── text ──\nReading it now." in text
+    assert '#0 read_file (call_1)\n  {"path": "src/main.py"}' in text  # arguments reassembled
+    assert "finish_reason: tool_calls" in text and "usage: in 40 out 12 total 52" in text
+
+    _, text = view_text(api, buffered["id"], "response", "chat")
+    assert "── text ──\nLet me look." in text and "── reasoning ──\nNeed the file first." in text
+    assert '#0 grep (call_9)\n  {"pattern": "TODO"}' in text and "finish_reason: tool_calls" in text
+
+    # The request: the conversation turn by turn, then the tools.
+    _, text = view_text(api, buffered["id"], "request", "chat")
+    assert "── system ──\nYou are a coding agent.\n── user ──\ntools-json" in text
+    assert "── tools (1) ──\nread_file(path: string*) — Read a file." in text
+
+    # Chosen automatically for chat flows; the raw view is still there.
+    for flow in (streamed, buffered):
+        _, auto = view_text(api, flow["id"], "response", "auto")
+        assert "finish_reason: tool_calls" in auto
+    _, raw = view_text(api, streamed["id"], "response", "raw")
+    assert "data: [DONE]" in raw and "chat.completion.chunk" in raw
+
+
+def test_local_answers_show_the_url_the_client_called(web):
+    gw, api, _, _ = web
+    port = gw.port
+    assert httpx.post(gw.url + CHAT, json={"model": "m"}, headers={"authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    assert httpx.post(gw.url + "/v1/responses", json={}, headers=AUTH, timeout=10).status_code == 404
+    assert httpx.get(gw.url + CHAT, headers=AUTH, timeout=10).status_code == 405
+    assert httpx.post(gw.url + CHAT, content=b"{nope", headers=AUTH, timeout=10).status_code == 400
+    assert httpx.get(gw.url + "/v1/models", headers=AUTH, timeout=10).status_code == 200
+    flows = api.wait_for_flows(lambda f: True, 6)  # wait_healthy's /health is there too
+    urls = {(f["request"]["method"], f["request"]["path"]): f["request"] for f in flows}
+    for method, path in [("POST", CHAT), ("POST", "/v1/responses"), ("GET", CHAT), ("GET", "/v1/models"), ("GET", "/health")]:
+        request = urls[(method, path)]
+        assert (request["scheme"], request["host"], request["port"]) == ("http", "127.0.0.1", port), (method, path)
+        assert request["pretty_host"] == "127.0.0.1"
+    assert not any(f["request"]["port"] == 9 for f in flows)
+
+
+def test_client_abort_keeps_its_partial_body_and_content_endpoint_answers(web):
+    gw, api, _, main = web
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    body = json.dumps({"model": "gpt-5", "stream": True, "messages": [{"role": "user", "content": "abort"}]}).encode()
+    sock.sendall(b"POST %b HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %b\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%b" % (CHAT.encode(), PROXY_KEY.encode(), len(body), body))
+    received = b""
+    while b"Reading it" not in received:
+        received += sock.recv(65536)
+    sock.close()
+    flow = only_flow(api, lambda f: f["request"]["path"] == CHAT and f["comment"].startswith("⏹"))
+    assert flow["comment"].startswith("⏹ aborted by client main | gpt-5→up-model | 200 stream (partial) | ttft ")
+    assert flow["comment"].count("client") == 1
+    assert flow["marked"] == "⚪"
+    content = api.client.get(f"/flows/{flow['id']}/response/content.data")
+    assert content.status_code == 200, content.text[:300]
+    assert b"Reading it" in content.content and b"[DONE]" not in content.content
+    _, text = view_text(api, flow["id"], "response", "chat")
+    assert "Reading it" in text and "no [DONE]" in text
+    assert "Traceback" not in gw.log()
