@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 def make_addons() -> list:
     """The gateway's addons, in hook order, sharing one state."""
     from .access import AccessGate
+    from .attemptflows import AttemptFlows
     from .backstop import UnhandledRequestGuard
     from .configstore import ConfigStore
     from .contentview import ChatViewAddon
@@ -24,6 +25,7 @@ def make_addons() -> list:
         AccessGate(state),
         ChatGateway(state),
         FlowView(state),
+        AttemptFlows(state),
         CommentColumn(),
         FlowLimit(),
         ChatViewAddon(),

@@ -14,7 +14,7 @@ from .config import GatewayConfig
 from .echo import echo_reply
 from .errors import error_body
 from .health import HealthRegistry
-from .redact import scrub_text
+from .redact import scrub_bytes, scrub_text
 from .routing import Route, RoutePlan
 from .sse import completion_to_events, is_event_stream
 from .upstream import (
@@ -33,6 +33,16 @@ class Attempt:
     upstream_model: str
     outcome: str  # "200", "503 overloaded", "cannot connect: ...", "skipped: ..."
     ok: bool = False
+    # What the flow view shows of an attempt as a flow of its own (attemptflows.py): set
+    # by note_request / note_answer, never a key (headers masked, bodies scrubbed, bounded).
+    url: str = ""
+    sent_body: bytes = b""
+    started: float = 0.0
+    ended: float = 0.0
+    status: int | None = None
+    reason: str = ""
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    body: bytes = b""
 
     @property
     def skipped(self) -> bool:
@@ -71,6 +81,23 @@ class ForwardResult:
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
+
+
+# How much of a failed attempt's answer its flow keeps.
+ATTEMPT_BODY_LIMIT = 256 * 1024
+
+
+def note_request(attempt: Attempt, url: str, body: bytes) -> None:
+    attempt.url, attempt.sent_body, attempt.started = url, body, time.time()
+
+
+def note_answer(attempt: Attempt, secrets: tuple[str, ...], status: int | None = None, reason: str = "",
+                headers: Iterable[tuple[str, str]] = (), body: bytes = b"") -> None:
+    """The upstream's answer to one attempt, for the flow view: scrubbed, bounded."""
+    attempt.ended = time.time()
+    attempt.status, attempt.reason = status, reason
+    attempt.headers = [(k, scrub_text(v, secrets)) for k, v in headers]
+    attempt.body = scrub_bytes(body[:ATTEMPT_BODY_LIMIT], secrets)
 
 
 def gateway_error(status: int, message: str, type_: str, code: str, **extra) -> ForwardResult:
@@ -144,6 +171,7 @@ class Forwarder:
                 if channel.stream_usage:
                     body = with_stream_usage(body, request)
                 headers = upstream_request_headers(client_headers, channel, channel.api_keys[index])
+                note_request(attempt, channel.chat_url, body)
                 # A non-streaming exchange is bounded as a whole, headers and body.
                 deadline = None if request.stream or channel.timeouts.total is None else (
                     time.monotonic() + channel.timeouts.total)
@@ -154,6 +182,7 @@ class Forwarder:
                     raise
                 except UpstreamError as e:
                     attempt.outcome = e.reason
+                    note_answer(attempt, config.secrets)
                     any_timeout = any_timeout or e.timeout
                     breaker.record(False, time.time(), probe)
                     break  # a connection-level failure: the next channel, not the next key
@@ -181,6 +210,7 @@ class Forwarder:
                     raise
                 except UpstreamError as e:
                     attempt.outcome = f"{status}, then {e.reason}"
+                    note_answer(attempt, config.secrets, status, response.reason or "", upstream_headers)
                     any_timeout = any_timeout or e.timeout
                     breaker.record(False, time.time(), probe)
                     break
@@ -201,6 +231,7 @@ class Forwarder:
                     return result
 
                 last_answer = result
+                note_answer(attempt, config.secrets, status, response.reason or "", upstream_headers, answer)
                 if verdict.key_penalty == "cooldown":
                     wait = parse_retry_after(dict(upstream_headers), time.time())
                     pool.cool_down(index, channel.cooldown if wait is None else wait, time.time())

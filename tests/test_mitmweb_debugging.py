@@ -177,3 +177,54 @@ def test_client_abort_keeps_its_partial_body_and_content_endpoint_answers(web):
     _, text = view_text(api, flow["id"], "response", "chat")
     assert "Reading it" in text and "no [DONE]" in text
     assert "Traceback" not in gw.log()
+
+
+def test_failover_shows_the_failed_attempt_as_a_flow_of_its_own(web):
+    gw, api, flaky, main = web
+    reply = chat(gw, model="fo-1")
+    assert reply.status_code == 200 and reply.headers["x-ccx-channel"] == "main"
+    flows = api.wait_for_flows(lambda f: f["request"]["path"] == CHAT, 2)
+    [served] = [f for f in flows if "attempt_of" not in json.dumps(f.get("metadata", {})) and f["comment"].startswith("✓")]
+    [attempt] = [f for f in flows if f["comment"].startswith("↯ attempt:")]
+
+    # The attempt: marked, the upstream's URL, real status, headers and error body, timing.
+    assert attempt["comment"].startswith(f"↯ attempt: flaky 503 | for {served['id'][:8]} | #1 | fo-1→fo-1 | 503 ")
+    assert attempt["marked"] == "⚫"
+    assert attempt["request"]["host"] == "127.0.0.1" and attempt["request"]["port"] == flaky.port
+    assert attempt["request"]["path"] == CHAT
+    assert ["authorization", "Bearer [ccx: redacted]"] in [[k.lower(), v] for k, v in attempt["request"]["headers"]]
+    assert attempt["response"]["status_code"] == 503
+    assert ["x-request-id", "flaky-req-1"] in [[k.lower(), v] for k, v in attempt["response"]["headers"]]
+    assert attempt["response"]["timestamp_end"] >= attempt["request"]["timestamp_start"]
+    body = api.get(f"/flows/{attempt['id']}/response/content.data").json()
+    assert body == OVERLOADED
+    assert json.loads(api.get(f"/flows/{attempt['id']}/request/content.data").content)["model"] == "fo-1"
+
+    # The served flow links back; both are found by the served flow's id.
+    assert served["comment"].startswith("✓ main ⟵ flaky 503 | fo-1→fo-1 | 200 |")
+    assert served["comment"].endswith(f"| attempt flows {attempt['id'][:8]}")
+    assert served["marked"] == "🟡"
+    # Nothing secret anywhere: the real key went to the upstream only.
+    assert flaky.received[0].headers["authorization"] == f"Bearer {UPSTREAM_KEYS[0]}"
+    dump = api.get("/flows/dump").content
+    for secret in SECRETS:
+        assert secret.encode() not in dump
+
+
+def test_attempt_flows_are_bounded_like_the_rest(upstreams, write_config, tmp_path):
+    flaky, main = upstreams(overloaded), upstreams(scripted)
+    cfg = write_config(config(
+        channel("flaky", flaky.url + "/v1", keys=(UPSTREAM_KEYS[0],), extra='supported_models: ["fo-*"]'),
+        channel("main", main.url + "/v1", keys=(UPSTREAM_KEYS[1],)),
+    ))
+    gw, api = start_mitmweb(cfg, tmp_path, "--set", "ccx_keep_flows=4")
+    try:
+        for _ in range(5):
+            assert chat(gw, model="fo-1").status_code == 200
+        flows = api.flows()
+        assert len(flows) == 4
+        # The newest are kept: the last request and its attempt flow among them.
+        assert any(f["comment"].startswith("↯ attempt:") for f in flows)
+    finally:
+        gw.stop()
+        api.client.close()
