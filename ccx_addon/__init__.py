@@ -16,12 +16,14 @@ def make_addons() -> list:
     from .flowview import FlowView
     from .gateway import ChatGateway
     from .modes import ReverseModeDefaults
+    from .replay import ReplayRouter
     from .state import GatewayState
 
     state = GatewayState()
     return [
         ReverseModeDefaults(),
         ConfigStore(state),
+        ReplayRouter(state),  # before the access check: a replay shows the masked key
         AccessGate(state),
         ChatGateway(state),
         FlowView(state),

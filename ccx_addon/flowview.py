@@ -127,9 +127,11 @@ class FlowView:
             usage = usage_of(record, flow)
         flow.comment = comment_for(verdict, record.endpoint, timing, usage, record.session, record.stream,
                                    links_text(record))
+        if record.replay_of:
+            flow.comment = f"↻ replay of {record.replay_of[:8]} {flow.comment}"
         if verdict is not None and verdict.marker:
             flow.marked = verdict.marker
-        flow.metadata["ccx"] = self.metadata(record, status, timing, usage)
+        flow.metadata["ccx"] = {"flow_id": flow.id, **self.metadata(record, status, timing, usage)}
         if verdict is not None:
             method = record.client_request.get("method", flow.request.method)
             path = record.client_request.get("path", flow.request.path)
@@ -166,6 +168,8 @@ class FlowView:
             )
         if record.attempt_flows:
             data["attempt_flows"] = list(record.attempt_flows)
+        if record.replay_of:
+            data["replay_of"] = record.replay_of
         return data
 
 
@@ -189,7 +193,7 @@ def client_url(flow: http.HTTPFlow) -> tuple[str, str, int] | None:
 
 def show_client_url(flow: http.HTTPFlow, record: FlowRecord) -> None:
     """Local answers show the URL the client called (the request path is already real)."""
-    if not answered_locally(record) or (target := client_url(flow)) is None:
+    if record.replay_of or not answered_locally(record) or (target := client_url(flow)) is None:
         return
     scheme, host, port = target
     if (flow.request.scheme, flow.request.host, flow.request.port) == target:

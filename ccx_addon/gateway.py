@@ -19,7 +19,7 @@ from .forwarding import Forwarder, ForwardResult
 from .handover import TOKEN_HEADER, HandoverServer, PendingStream
 from .health import HealthRegistry
 from .redact import scrub_bytes
-from .routing import plan_routes
+from .routing import pinned_plan, plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
 from .upstream import UpstreamClient, upstream_request_headers
 
@@ -44,7 +44,8 @@ def freeze_startup_objects() -> None:
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:
-    return not (flow.client_conn.state & ConnectionState.CAN_READ)
+    # A replay's client is mitmproxy itself; the flow keeps the original's closed connection.
+    return not flow.is_replay and not (flow.client_conn.state & ConnectionState.CAN_READ)
 
 
 class ClientWatch:
@@ -115,7 +116,8 @@ class ChatGateway:
         record.requested_model = chat.model
         record.stream = chat.stream
 
-        plan = plan_routes(config, chat.model)
+        # A replay goes to the channel its flow shows (replay.py).
+        plan = pinned_plan(record.pinned_channel, chat.model) if record.pinned_channel else plan_routes(config, chat.model)
         if not plan.routes:
             reject(flow, record, 404, model_not_found_message(chat.model, plan.describe_skipped()),
                    "model_not_found", "model")

@@ -7,7 +7,7 @@ import weakref
 
 from mitmproxy import http
 
-from .config import GatewayConfig
+from .config import Channel, GatewayConfig
 from .forwarding import ForwardResult
 from .health import HealthRegistry
 from .redact import SECRET_MASK, scrub_bytes
@@ -34,6 +34,9 @@ class FlowRecord:
     session: str = ""  # a short label of the client's session id (not a secret)
     # Ids of the flows that show this request's failed upstream attempts (attemptflows.py).
     attempt_flows: list[str] = dataclasses.field(default_factory=list)
+    # A replay (replay.py): the flow it replays, and the channel it is pinned to.
+    replay_of: str = ""
+    pinned_channel: Channel | None = None
 
 
 class GatewayState:

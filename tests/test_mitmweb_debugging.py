@@ -228,3 +228,66 @@ def test_attempt_flows_are_bounded_like_the_rest(upstreams, write_config, tmp_pa
     finally:
         gw.stop()
         api.client.close()
+
+
+def replay(api, flow_id: str) -> dict:
+    response = api.post(f"/flows/{flow_id}/replay")
+    assert response.status_code == 200, response.text
+    return only_flow(api, lambda f: f["id"] == flow_id and f["comment"].startswith("↻") and f["response"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_replay_sends_the_flow_again_with_the_real_key(web, stream):
+    gw, api, _, main = web
+    assert chat(gw, "hi", stream=stream).status_code == 200
+    original = only_flow(api, lambda f: f["request"]["path"] == CHAT)
+    assert len(main.received) == 1
+
+    replayed = replay(api, original["id"])
+    assert len(main.received) == 2
+    again = main.received[1]
+    # The upstream got the channel's real key and the request the flow shows.
+    assert again.headers["authorization"] == f"Bearer {UPSTREAM_KEYS[1]}"
+    assert again.json == main.received[0].json
+    assert replayed["response"]["status_code"] == 200
+    assert replayed["comment"].startswith(f"↻ replay of {original['id'][:8]} ✓ main | up-model→up-model | 200")
+    assert ["authorization", "Bearer [ccx: redacted]"] in [[k.lower(), v] for k, v in replayed["request"]["headers"]]
+    assert replayed["request"]["port"] == main.port
+    assert "hello" in api.get(f"/flows/{original['id']}/response/content.data").text
+    dump = api.get("/flows/dump").content
+    for secret in SECRETS:
+        assert secret.encode() not in dump
+
+
+def test_edit_and_replay_changes_what_the_upstream_receives(web):
+    gw, api, _, main = web
+    assert chat(gw, "hi").status_code == 200
+    original = only_flow(api, lambda f: f["request"]["path"] == CHAT)
+    # Duplicate, edit the copy's body, replay the copy (mitmweb's Edit → Replay).
+    assert api.post(f"/flows/{original['id']}/duplicate").status_code == 200
+    [copy] = [f for f in api.flows() if f["id"] != original["id"] and f["request"]["path"] == CHAT]
+    edited = json.loads(api.get(f"/flows/{copy['id']}/request/content.data").content)
+    edited["messages"][-1]["content"] = "edited in mitmweb"
+    edited["temperature"] = 0.1
+    response = api.client.put(f"/flows/{copy['id']}", json={"request": {"content": json.dumps(edited)}})
+    assert response.status_code == 200, response.text
+    replayed = replay(api, copy["id"])
+    sent = main.received[-1]
+    assert sent.json["messages"][-1]["content"] == "edited in mitmweb" and sent.json["temperature"] == 0.1
+    assert sent.headers["authorization"] == f"Bearer {UPSTREAM_KEYS[1]}"
+    assert replayed["comment"].startswith(f"↻ replay of {original['id'][:8]} ✓ main")
+
+
+def test_replay_of_a_flow_whose_channel_is_gone_gets_a_clear_error(web, write_config, tmp_path):
+    gw, api, flaky, main = web
+    assert chat(gw, "hi").status_code == 200
+    original = only_flow(api, lambda f: f["request"]["path"] == CHAT)
+    # The config loses the channel (the gateway reloads its file when it changes).
+    gw.config_path.write_text(config(channel("flaky", flaky.url + "/v1", keys=(UPSTREAM_KEYS[0],))))
+    assert api.post("/commands/ccx.reload").status_code == 200
+    replayed = replay(api, original["id"])
+    assert replayed["response"]["status_code"] == 410
+    error = api.get(f"/flows/{original['id']}/response/content.data").json()["error"]
+    assert error["code"] == "replay_target_gone" and "channel 'main'" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert len(main.received) == 1 and len(flaky.received) == 0
