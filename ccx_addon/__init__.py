@@ -18,6 +18,7 @@ def make_addons() -> list:
     from .modes import ReverseModeDefaults
     from .replay import ReplayRouter
     from .state import GatewayState
+    from .status import StatusView
 
     state = GatewayState()
     return [
@@ -28,6 +29,7 @@ def make_addons() -> list:
         ChatGateway(state),
         FlowView(state),
         AttemptFlows(state),
+        StatusView(state),
         CommentColumn(),
         FlowLimit(),
         ChatViewAddon(),

@@ -62,6 +62,7 @@ _SERVED = {
     CHAT_PATH: ("chat", "POST"),
     MODELS_PATH: ("models", "GET"),
     HEALTH_PATH: ("health", "GET"),
+    "/ccx/status": ("status", "GET"),  # status.py, behind the proxy key
 }
 
 _OTHER_APIS = {

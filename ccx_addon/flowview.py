@@ -161,7 +161,7 @@ class FlowView:
                 upstream_model=result.route.upstream_model if result.route else None,
                 key=result.key_label or None,
                 attempts=[
-                    {"channel": a.channel, "key": a.key, "model": a.upstream_model, "outcome": a.outcome}
+                    {"channel": a.channel, "key": a.key, "model": a.upstream_model, "outcome": a.outcome, "ok": a.ok}
                     for a in result.attempts
                 ],
                 stream_failure=record.stream_failure,
