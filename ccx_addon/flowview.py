@@ -215,4 +215,4 @@ def usage_of(record: FlowRecord, flow: http.HTTPFlow) -> dict | None:
     usage = find_usage(flow.response.raw_content or b"") if flow.response else None
     if usage is None and isinstance(record.capture, TimedStreamCapture):
         usage = find_usage(record.capture.tail)
-    return usage
+    return usage or record.removed_usage

@@ -22,6 +22,7 @@ from .redact import scrub_bytes
 from .routing import pinned_plan, plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
 from .upstream import UpstreamClient, upstream_request_headers
+from .usagechunk import UsageChunkRemover, client_asked_for_usage
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class ChatGateway:
             return
         record.requested_model = chat.model
         record.stream = chat.stream
+        record.usage_requested = chat.stream and client_asked_for_usage(flow.request.raw_content or b"")
 
         # A replay goes to the channel its flow shows (replay.py).
         plan = pinned_plan(record.pinned_channel, chat.model) if record.pinned_channel else plan_routes(config, chat.model)
@@ -202,6 +204,7 @@ class ChatGateway:
             headers=result.headers + gateway_headers(result),
             idle_timeout=route.channel.timeouts.idle,
             on_end=on_end,
+            transforms=usage_transforms(record, route.channel),
         ))
         record.handover_token = token
         # Retarget to the hand-over server; the Host header keeps naming the upstream.
@@ -211,6 +214,13 @@ class ChatGateway:
         flow.request.port = self.handover.port
         flow.request.host_header = upstream_host
         flow.request.headers[TOKEN_HEADER] = token
+
+
+def usage_transforms(record: FlowRecord, channel) -> list:
+    """A channel asked for usage on the client's behalf: take the extra chunk out again."""
+    if not channel.stream_usage or record.usage_requested:
+        return []
+    return [UsageChunkRemover(lambda usage: setattr(record, "removed_usage", usage))]
 
 
 def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:

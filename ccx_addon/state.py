@@ -37,6 +37,10 @@ class FlowRecord:
     # A replay (replay.py): the flow it replays, and the channel it is pinned to.
     replay_of: str = ""
     pinned_channel: Channel | None = None
+    # Tokens on every stream (usagechunk.py): whether the client asked for usage itself,
+    # and the usage taken out of a stream it did not ask for it in.
+    usage_requested: bool = False
+    removed_usage: dict | None = None
 
 
 class GatewayState:
