@@ -153,6 +153,7 @@ FILTERS = {
     # a client session
     '~comment "session 3f2a9c1d"': {"failover", "no_key"},
     '~comment "session 22222222"': {"kimi", "upstream_error"},
+    f"~hq {SESSION_A}": {"failover", "no_key"},
     # failures, failovers, everything with a marker
     "~comment failed | ~comment rejected": {"upstream_error", "no_key", "unknown_model", "bad_json"},
     "~comment failover": {"failover"},
@@ -174,7 +175,7 @@ def test_filters_in_the_readme_are_the_tested_ones():
     section = readme.split("### Finding requests", 1)[1].split("\n#", 1)[0]
     table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
     documented = re.findall(r"`(!?~[^`]+)`", table.replace("\\|", "|"))
-    assert len(documented) == 9 and set(documented) <= set(FILTERS), documented
+    assert len(documented) == 10 and set(documented) <= set(FILTERS), documented
 
 
 def test_the_clients_request_stays_next_to_the_upstream_one(traffic):

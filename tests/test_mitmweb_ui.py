@@ -50,6 +50,7 @@ EXPECTED = {
     '~comment "deepseek#"': {"failover"},
     "~comment gpt-5": {"failover", "attempt"},
     '~comment "session 3f2a9c1d"': {"failover", "no_key"},
+    f"~hq {SESSION_A}": {"failover", "attempt", "no_key"},
     "~comment failed | ~comment rejected": {"upstream_error", "no_key", "unknown_model"},
     "~comment failover": {"failover"},
     "~comment aborted": {"aborted"},
