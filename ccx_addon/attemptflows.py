@@ -32,10 +32,9 @@ def failed_attempts(record: FlowRecord) -> list[tuple[int, Attempt]]:
 
 
 def attempt_comment(number: int, attempt: Attempt, served_id: str, requested_model: str) -> str:
-    """`↯ attempt: flaky 503 | for 1a2b3c4d | #1 | gpt-5→up-model | 503 overloaded | 0.01s | key flaky#1`."""
+    """`↯ flaky 503 | attempt: #1 for 1a2b3c4d | gpt-5→up-model | 503 overloaded | 0.01s | key flaky#1`."""
     seconds = f"{max(0.0, attempt.ended - attempt.started):.2f}s" if attempt.ended else ""
-    parts = [f"↯ {ATTEMPT_WORD} {attempt.channel} {short_outcome(attempt.outcome)}", f"for {served_id[:8]}",
-             f"#{number}", f"{requested_model}→{attempt.upstream_model}", attempt.outcome, seconds,
+    parts = [f"↯ {attempt.channel} {short_outcome(attempt.outcome)}", f"{ATTEMPT_WORD} #{number} for {served_id[:8]}", f"{requested_model}→{attempt.upstream_model}", attempt.outcome, seconds,
              f"key {attempt.key}" if attempt.key not in ("", "-") else ""]
     return " | ".join(p for p in parts if p)
 

@@ -164,16 +164,16 @@ def format_timing(timing: Timing | None, stream: bool) -> list[str]:
 
 # --- the comment ------------------------------------------------------------------------------
 
-# The first characters say what happened; mitmweb's comment column is 150 px wide whatever
-# the window size, so the verdict must fit in its first ~25 characters.
-SERVED, FAILED, REJECTED, ABORTED, LOCAL = "✓", "✗", "⊘", "⏹", "·"
+# The first characters say what happened: mitmweb's comment column is 150 px wide whatever
+# the window size, and shows about 17 characters (screenshot in docs/screenshots).
+SERVED, FAILED, REJECTED, ABORTED, LOCAL = "✓", "✗", "⊘", "✂", "·"
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """What happened to one request, in the words of the comment and the log line."""
 
-    head: str  # "✓ deepseek ⟵ glm 503", "✗ failed 400 kimi", "⊘ rejected 401 invalid_api_key"
+    head: str  # "✓ deepseek ⟵ glm 503", "✗ failed 400 kimi", "⊘ 401 rejected: invalid_api_key"
     models: str  # "gpt-5→deepseek-chat", or just the requested model
     status: str  # "200 stream", "503", "no answer"
     problems: tuple[str, ...]  # what went wrong, when the head alone does not say it
@@ -222,7 +222,7 @@ def judge(record: FlowRecord, status: int | None, error: str = "") -> Verdict | 
     """None for the gateway's own endpoints (/health, /v1/models)."""
     status_text = str(status) if status is not None else "no answer"
     if record.rejected:
-        return Verdict(f"{REJECTED} rejected {status_text} {record.rejected}", record.requested_model, "", (),
+        return Verdict(f"{REJECTED} {status_text} rejected: {record.rejected}", record.requested_model, "", (),
                        "", "", MARK_REJECTED, True, "rejected")
     if record.endpoint != "chat":
         return None

@@ -2,6 +2,7 @@
 which attempt served it, keeps its streamed body, and shows the upstream URL."""
 
 import logging
+import time
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.utils import human
@@ -117,6 +118,7 @@ class FlowView:
             kept = bytes(record.capture.kept) if record.capture is not None else b""
             if flow.response.raw_content is None:
                 flow.response.raw_content = kept
+            flow.response.timestamp_end = flow.response.timestamp_end or time.time()
         self.annotate(flow, record, flow.response.status_code if flow.response else None, message)
 
     def annotate(self, flow: http.HTTPFlow, record: FlowRecord, status: int | None, error: str = "") -> None:
@@ -127,8 +129,9 @@ class FlowView:
             usage = usage_of(record, flow)
         flow.comment = comment_for(verdict, record.endpoint, timing, usage, record.session, record.stream,
                                    links_text(record))
-        if record.replay_of:
-            flow.comment = f"↻ replay of {record.replay_of[:8]} {flow.comment}"
+        if record.replay_of:  # the mark, then the verdict; what it replays after the models
+            head, _, rest = flow.comment.partition(" | ")
+            flow.comment = " | ".join(p for p in (f"↻{head}", f"replay of {record.replay_of[:8]}", rest) if p)
         if verdict is not None and verdict.marker:
             flow.marked = verdict.marker
         flow.metadata["ccx"] = {"flow_id": flow.id, **self.metadata(record, status, timing, usage)}

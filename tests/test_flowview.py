@@ -116,9 +116,9 @@ def test_comment_tells_channel_models_attempts_status_timing_tokens_session(traf
     assert kimi.startswith("✓ kimi | kimi-k2→kimi-k2 | 200 stream | ttft ") and "attempt" not in kimi
     assert kimi.endswith(" | tokens in 11 out 3 | key kimi#1 | session 22222222")
     assert flows["upstream_error"].comment.startswith("✗ failed 400 kimi | kimi-k2→kimi-k2 | 400 | ttfb ")
-    assert flows["no_key"].comment == "⊘ rejected 401 invalid_api_key | session 3f2a9c1d"
-    assert flows["unknown_model"].comment == "⊘ rejected 404 model_not_found | llama-9"
-    assert flows["bad_json"].comment == "⊘ rejected 400 invalid_json"
+    assert flows["no_key"].comment == "⊘ 401 rejected: invalid_api_key | session 3f2a9c1d"
+    assert flows["unknown_model"].comment == "⊘ 404 rejected: model_not_found | llama-9"
+    assert flows["bad_json"].comment == "⊘ 400 rejected: invalid_json"
 
 
 def test_markers_tell_failover_rejection_and_upstream_error_apart(traffic):
@@ -214,7 +214,7 @@ def test_mitmdump_prints_a_summary_line_per_request(upstreams, write_config, tmp
     assert served.startswith(f"POST {CHAT} ✓ deepseek ⟵ glm 503 | gpt-5→deepseek-chat | 200 stream | ttft ")
     assert "| tokens in 11 out 3 | failover after glm (glm#1): 503 overloaded | key deepseek#1 | session 3f2a9c1d" in served
     assert failed.startswith(f"POST {CHAT} ✗ failed 400 kimi | kimi-k2→kimi-k2 | 400 | ttfb ")
-    assert rejected == f"POST {CHAT} ⊘ rejected 401 invalid_api_key"
+    assert rejected == f"POST {CHAT} ⊘ 401 rejected: invalid_api_key"
     for secret in (PROXY_KEY, *UPSTREAM_KEYS):
         assert secret not in log
 

@@ -38,12 +38,12 @@ def kimi(received):
 # How each request's flow is recognised in the list, by the start of its comment.
 ROWS = {
     "failover": "✓ deepseek ⟵ glm 503",
-    "attempt": "↯ attempt: glm 503",
+    "attempt": "↯ glm 503 | attempt:",
     "kimi": "✓ kimi |",
     "upstream_error": "✗ failed 400 kimi",
-    "no_key": "⊘ rejected 401",
-    "unknown_model": "⊘ rejected 404",
-    "aborted": "⏹ aborted by client kimi",
+    "no_key": "⊘ 401 rejected",
+    "unknown_model": "⊘ 404 rejected",
+    "aborted": "✂ aborted by client kimi",
 }
 EXPECTED = {
     '~comment "key deepseek#"': {"failover"},
