@@ -28,9 +28,9 @@ MARK_FAILOVER = ":yellow_circle:"
 MARK_REJECTED = ":orange_circle:"
 MARK_UPSTREAM_ERROR = ":red_circle:"
 # A client that gave up is not an upstream error.
-MARK_CLIENT_ABORT = ":white_circle:"
+MARK_CLIENT_ABORT = ":large_blue_circle:"
 # A failed upstream attempt shown as a flow of its own.
-MARK_ATTEMPT = ":black_circle:"
+MARK_ATTEMPT = ":purple_circle:"
 
 # OpenCode sends both, with the same value for a whole session. Not a secret.
 SESSION_HEADERS = ("x-session-id", "x-session-affinity")

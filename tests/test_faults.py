@@ -364,7 +364,7 @@ def test_client_leaving_while_waiting_for_headers_cancels_the_upstream(gateway, 
         assert wait_until(lambda: up.aborted == 1 + stream, 3)
         assert time.monotonic() - started < 1.5  # the gateway polls every 0.25 s
     flows = chat_flows(gw, 2)
-    assert all(f.comment.startswith("✂ aborted by client") and f.marked == ":white_circle:" for f in flows)
+    assert all(f.comment.startswith("✂ aborted by client") and f.marked == ":large_blue_circle:" for f in flows)
     assert all("the client left before any answer" in f.comment for f in flows)
 
 
@@ -382,7 +382,7 @@ def test_client_leaving_mid_stream_cancels_the_upstream(gateway, upstreams):
     assert flow.metadata["ccx"]["stream_failure"] == "client disconnected mid-stream"
     # Its own marker and words, said once; the part streamed before the client left is kept.
     assert flow.comment.startswith("✂ aborted by client main | m→m | 200 stream (partial) | ttft ")
-    assert flow.comment.count("client") == 1 and flow.marked == ":white_circle:"
+    assert flow.comment.count("client") == 1 and flow.marked == ":large_blue_circle:"
     assert b'"role": "assistant"' in flow.response.raw_content
     # The channel did nothing wrong.
     assert health(gw)["main"]["circuit"] == "closed"

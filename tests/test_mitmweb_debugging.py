@@ -170,7 +170,7 @@ def test_client_abort_keeps_its_partial_body_and_content_endpoint_answers(web):
     flow = only_flow(api, lambda f: f["request"]["path"] == CHAT and f["comment"].startswith("✂"))
     assert flow["comment"].startswith("✂ aborted by client main | gpt-5→up-model | 200 stream (partial) | ttft ")
     assert flow["comment"].count("client") == 1
-    assert flow["marked"] == "⚪"
+    assert flow["marked"] == "🔵"
     content = api.client.get(f"/flows/{flow['id']}/response/content.data")
     assert content.status_code == 200, content.text[:300]
     assert b"Reading it" in content.content and b"[DONE]" not in content.content
@@ -189,7 +189,7 @@ def test_failover_shows_the_failed_attempt_as_a_flow_of_its_own(web):
 
     # The attempt: marked, the upstream's URL, real status, headers and error body, timing.
     assert attempt["comment"].startswith(f"↯ flaky 503 | attempt: #1 for {served['id'][:8]} | fo-1→fo-1 | 503 ")
-    assert attempt["marked"] == "⚫"
+    assert attempt["marked"] == "🟣"
     assert attempt["request"]["host"] == "127.0.0.1" and attempt["request"]["port"] == flaky.port
     assert attempt["request"]["path"] == CHAT
     assert ["authorization", "Bearer [ccx: redacted]"] in [[k.lower(), v] for k, v in attempt["request"]["headers"]]
