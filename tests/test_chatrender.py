@@ -70,3 +70,21 @@ def test_failed_attempts_are_named_in_a_word_or_two():
     assert short_outcome("connect timeout after 0.3s") == "timeout"
     assert short_outcome("no response headers within 5s") == "timeout"
     assert short_outcome("cannot connect: Connection refused (127.0.0.1:9)") == "unreachable"
+
+
+def test_mitmdump_shows_chat_flows_in_the_chat_view_at_flow_detail_3(mitmdump, upstreams):
+    import httpx
+
+    from conftest import PROXY_KEY, channel, config
+
+    up = upstreams()
+    gw = mitmdump(config(channel("main", up.url + "/v1")), "--set", "flow_detail=3")
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "say hello"}]}
+    reply = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {PROXY_KEY}"}, timeout=10)
+    assert reply.status_code == 200
+    gw.stop()
+    log = gw.log()
+    # The request turn by turn, the streamed answer assembled.
+    assert "── user ──\n" in log and "say hello" in log
+    assert "── text ──" in log and "hello from upstream" in log and "finish_reason: stop" in log
+    assert PROXY_KEY not in log
