@@ -180,9 +180,12 @@ def assemble(body: bytes) -> Answer | None:
     stripped = body.lstrip()
     if stripped.startswith(b"{"):
         try:
-            answer.add_payload(json.loads(stripped))
+            payload = json.loads(stripped)
         except ValueError:
             return None
+        if not isinstance(payload, dict) or not ("choices" in payload or "error" in payload):
+            return None  # JSON, but not a completion (the JSON view shows it)
+        answer.add_payload(payload)
         answer.done = True
         return answer
     seen = False

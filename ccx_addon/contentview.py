@@ -21,10 +21,10 @@ PRIORITY = 2.0
 
 
 def is_chat_flow(flow, message) -> bool:
-    """A chat completions exchange: the request path, or the gateway's own record."""
+    """A chat completions exchange, by its path (as the client or the upstream saw it)."""
     if not isinstance(flow, http.HTTPFlow) or not isinstance(message, http.Message):
         return False
-    return flow.request.path.split("?", 1)[0].endswith("/chat/completions") or "ccx" in flow.metadata
+    return flow.request.path.split("?", 1)[0].rstrip("/").endswith("/chat/completions")
 
 
 def render(data: bytes, flow, message) -> str | None:

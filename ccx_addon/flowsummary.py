@@ -281,7 +281,7 @@ def comment_for(
     if verdict.kind != "rejected":
         parts += [verdict.models, verdict.status, *verdict.problems]
         parts += format_timing(timing, stream)
-        parts.append(format_usage(verdict, usage))
+        parts.append(format_usage(verdict, usage) if timing is not None else "")  # not while in flight
         parts += [verdict.failover, f"key {verdict.key}" if verdict.key else ""]
     else:
         parts.append(verdict.models)

@@ -60,6 +60,7 @@ def test_only_chat_bodies_are_rendered():
     assert render_chat_body(b'{"model": "m"}', is_request=True) is None  # no messages
     assert render_chat_body(b"<html>", is_request=False) is None
     assert render_chat_body(b"not json", is_request=True) is None
+    assert render_chat_body(b'{"object": "list", "data": []}', is_request=False) is None  # /v1/models
     error = render_chat_body(b'{"error": {"message": "bad key", "type": "x"}}', is_request=False)
     assert error.endswith("── error ──\nbad key")
 
