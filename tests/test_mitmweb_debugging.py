@@ -155,6 +155,11 @@ def test_local_answers_show_the_url_the_client_called(web):
         assert (request["scheme"], request["host"], request["port"]) == ("http", "127.0.0.1", port), (method, path)
         assert request["pretty_host"] == "127.0.0.1"
     assert not any(f["request"]["port"] == 9 for f in flows)
+    # The chat view is not chosen for what is not a completion.
+    models = next(f for f in flows if f["request"]["path"] == "/v1/models")
+    _, text = view_text(api, models["id"], "response", "auto")
+    assert '"object": "list"' in text.replace("\n", "") or "list" in text
+    assert "finish_reason" not in text
 
 
 def test_client_abort_keeps_its_partial_body_and_content_endpoint_answers(web):
