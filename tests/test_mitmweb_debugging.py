@@ -158,7 +158,7 @@ def test_local_answers_show_the_url_the_client_called(web):
     # The chat view is not chosen for what is not a completion.
     models = next(f for f in flows if f["request"]["path"] == "/v1/models")
     _, text = view_text(api, models["id"], "response", "auto")
-    assert '"object": "list"' in text.replace("\n", "") or "list" in text
+    assert '"list"' in text
     assert "finish_reason" not in text
 
 
