@@ -1,8 +1,11 @@
 """The status view: `ccx.status` (mitmweb's command bar, mitmproxy; the table also goes to
-the log) and `GET /ccx/status` (authenticated with the proxy key, for `ccx-addon status`)."""
+the log; in mitmdump `kill -USR1 PID` logs it) and `GET /ccx/status` (authenticated with the
+proxy key, for `ccx-addon status`)."""
 
+import asyncio
 import json
 import logging
+import signal
 import time
 
 from mitmproxy import command, http
@@ -20,6 +23,19 @@ class StatusView:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self.counters = Counters()
+
+    def running(self) -> None:
+        # mitmdump has no command bar: `kill -USR1 <pid>` writes the table to its log.
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.status)
+        except (RuntimeError, ValueError, NotImplementedError, AttributeError):
+            pass  # not the main thread (an embedded master), or no such signal (Windows)
+
+    def done(self) -> None:
+        try:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+        except (RuntimeError, ValueError, NotImplementedError, AttributeError):
+            pass
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # After the access check: only a client with the proxy key gets here unanswered.

@@ -4,6 +4,8 @@ answers the same in the command bar and writes it to the log."""
 
 import os
 import re
+import signal
+import time
 import subprocess
 
 import httpx
@@ -77,6 +79,13 @@ def test_status_shows_keys_breakers_and_counts_of_a_running_gateway(mitmdump, up
     assert httpx.get(gw.url + "/ccx/status", timeout=10).status_code == 401
     missing = ccx_status("--url", gw.url, key="")
     assert missing.returncode == 1 and "set PROXY_ACCESS_KEY" in missing.stderr
+
+    # mitmdump has no command bar: SIGUSR1 writes the same table to its log.
+    gw.process.send_signal(signal.SIGUSR1)
+    deadline = time.time() + 5
+    while "    key pool#2: disabled because 401 key rejected" not in gw.log() and time.time() < deadline:
+        time.sleep(0.05)
+    assert "    key pool#2: disabled because 401 key rejected" in gw.log()
 
 
 def test_status_command_answers_and_logs(gateway, upstreams):
