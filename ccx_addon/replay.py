@@ -14,7 +14,11 @@ from .state import FlowRecord, GatewayState
 
 logger = logging.getLogger(__name__)
 
-REPLAY_MARK = "↻"
+NOT_REPLAYABLE = (
+    "Only flows an upstream answered can be replayed from mitmweb: this one was answered by the "
+    "gateway itself (refused, or no channel could serve it), and its request shows the proxy key "
+    "masked. Send the request again from your client."
+)
 
 
 def replay_target(config: GatewayConfig, shown: dict) -> tuple[Channel | None, str]:
@@ -44,12 +48,15 @@ class ReplayRouter:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.is_replay != "request" or flow.response or self.state.config is None:
             return
-        shown = flow.metadata.get("ccx") or {}
-        if not shown.get("channel"):
-            return  # not a chat flow an upstream served: the access check decides
+        shown = flow.metadata.get("ccx")
+        if not shown:
+            return  # not a gateway flow: the access check decides
         mask_credentials(flow.request.headers)
         record = FlowRecord(endpoint="chat", replay_of=shown.get("replay_of") or shown.get("flow_id") or flow.id)
         self.state.records[flow] = record
+        if not shown.get("channel"):
+            reject(flow, record, 409, NOT_REPLAYABLE, "replay_not_possible")
+            return
         channel, problem = replay_target(self.state.config, shown)
         if channel is None:
             reject(flow, record, 410, problem, "replay_target_gone")

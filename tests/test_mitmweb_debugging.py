@@ -296,3 +296,12 @@ def test_replay_of_a_flow_whose_channel_is_gone_gets_a_clear_error(web, write_co
     assert error["code"] == "replay_target_gone" and "channel 'main'" in error["message"]
     assert error["type"] == "invalid_request_error"
     assert len(main.received) == 1 and len(flaky.received) == 0
+
+    # A flow the gateway refused itself: said so, nothing sent.
+    assert httpx.post(gw.url + CHAT, json={"model": "m"}, headers={"authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    refused = only_flow(api, lambda f: f["comment"].startswith("⊘ 401"))
+    replayed = replay(api, refused["id"])
+    assert replayed["response"]["status_code"] == 409 and replayed["comment"].startswith("↻⊘ 409 rejected: replay_not_possible")
+    error = api.get(f"/flows/{refused['id']}/response/content.data").json()["error"]
+    assert "Only flows an upstream answered can be replayed" in error["message"]
+    assert len(main.received) == 1 and len(flaky.received) == 0
