@@ -268,16 +268,18 @@ def format_usage(verdict: Verdict, usage: dict | None) -> str:
 
 def comment_for(
     verdict: Verdict | None, endpoint: str = "", timing: Timing | None = None, usage: dict | None = None,
-    session: str = "", stream: bool = False, links: str = "",
+    session: str = "", stream: bool = False, links: str = "", replay_of: str = "",
 ) -> str:
     """One line for mitmweb's comment column, always in this order: verdict, models,
-    status, problems, timing, tokens, failover details, serving key, session, linked flows.
+    status, problems, timing, tokens, failover details, serving key, session, linked flows
+    (a replay: `↻` before the verdict, `replay of ID` after it).
     `✓ deepseek ⟵ glm 503 | gpt-5→deepseek-chat | 200 stream | ttft 412ms | 3.20s |
     tokens in 1200 out 340 | failover after glm (glm#1): 503 overloaded | key deepseek#1 |
     session 3f2a9c1d`."""
     if verdict is None:
         return f"{LOCAL} local {endpoint}"
-    parts = [verdict.head]
+    # A replay (from mitmweb): its mark before the verdict, what it replays right after.
+    parts = [f"↻{verdict.head}", f"replay of {replay_of[:8]}"] if replay_of else [verdict.head]
     if verdict.kind != "rejected":
         parts += [verdict.models, verdict.status, *verdict.problems]
         parts += format_timing(timing, stream)

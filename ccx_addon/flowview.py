@@ -128,10 +128,7 @@ class FlowView:
             timing = measure(record, flow)
             usage = usage_of(record, flow)
         flow.comment = comment_for(verdict, record.endpoint, timing, usage, record.session, record.stream,
-                                   links_text(record))
-        if record.replay_of:  # the mark, then the verdict; what it replays after the models
-            head, _, rest = flow.comment.partition(" | ")
-            flow.comment = " | ".join(p for p in (f"↻{head}", f"replay of {record.replay_of[:8]}", rest) if p)
+                                   links_text(record), record.replay_of)
         if verdict is not None and (verdict.marker or record.replay_of):  # a replay's own verdict
             flow.marked = verdict.marker
         flow.metadata["ccx"] = {"flow_id": flow.id, **self.metadata(record, status, timing, usage)}
