@@ -102,6 +102,12 @@ def send_session(gw) -> None:
     time.sleep(0.5)
 
 
+def take(shots: dict, out: Path) -> None:
+    for name, url in shots.items():
+        screenshot(url, out / name)
+        print(out / name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
@@ -120,8 +126,6 @@ def main() -> None:
             flows = sorted(api.flows(), key=lambda f: f["timestamp_created"])
             served = next(f for f in flows if f["comment"].startswith("✓ deepseek"))
             attempt = next(f for f in flows if "| attempt: #" in f["comment"])
-            api.post(f"/flows/{served['id']}/replay")
-            time.sleep(1)
             token = WEB_PASSWORD if NEEDS_PASSWORD else ""
             shots = {
                 "flow-list.png": mitmweb_page(gw.web_port, "/flows", token),
@@ -130,9 +134,11 @@ def main() -> None:
                 "attempt-flow.png": mitmweb_page(gw.web_port, f"/flows/{attempt['id']}/response", token),
                 "filter-failures.png": filtered_page(gw.web_port, "~comment failed | ~comment rejected", token),
             }
-            for name, url in shots.items():
-                screenshot(url, out / name)
-                print(out / name)
+            take(shots, out)
+            # Replay the served flow from mitmweb (as its Replay button does), then look again.
+            api.post(f"/flows/{served['id']}/replay")
+            time.sleep(1)
+            take({"replayed.png": mitmweb_page(gw.web_port, f"/flows/{served['id']}/request", token)}, out)
             print(api.post("/commands/ccx.status").json()["value"])
         finally:
             gw.stop()
