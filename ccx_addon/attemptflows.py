@@ -3,8 +3,6 @@ upstream's real status, headers (keys masked), body (scrubbed, bounded) and timi
 both ways with the flow that served the client. mitmdump has no flow list: nothing to do
 there."""
 
-import logging
-
 from mitmproxy import ctx
 from mitmproxy import flow as mflow
 from mitmproxy import http
@@ -13,8 +11,6 @@ from .flowsummary import MARK_ATTEMPT, short_outcome
 from .forwarding import Attempt
 from .state import SECRET_MASK, FlowRecord, GatewayState
 from .upstream import upstream_request_headers
-
-logger = logging.getLogger(__name__)
 
 # The words that find (or, negated, hide) every attempt flow: `!~comment "attempt:"`.
 ATTEMPT_WORD = "attempt:"

@@ -133,6 +133,7 @@ def run_status(argv: list[str]) -> int:
     import urllib.error
     import urllib.request
 
+    from .errors import STATUS_PATH
     from .statusreport import format_status
 
     parser = argparse.ArgumentParser(prog="ccx-addon status", description="Print a running gateway's channels, keys, breakers and counts.")
@@ -142,7 +143,7 @@ def run_status(argv: list[str]) -> int:
     if not key:
         print("ccx-addon status: set PROXY_ACCESS_KEY to the gateway's proxy access key", file=sys.stderr)
         return 1
-    request = urllib.request.Request(args.url.rstrip("/") + "/ccx/status", headers={"authorization": f"Bearer {key}"})
+    request = urllib.request.Request(args.url.rstrip("/") + STATUS_PATH, headers={"authorization": f"Bearer {key}"})
     try:
         # Straight to the gateway: an ambient HTTP_PROXY must not receive the proxy key.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -16,8 +16,6 @@ from .statusreport import Counters, format_status
 
 logger = logging.getLogger(__name__)
 
-STATUS_PATH = "/ccx/status"
-
 
 class StatusView:
     def __init__(self, state: GatewayState) -> None:
