@@ -89,3 +89,48 @@ def test_mitmdump_shows_chat_flows_in_the_chat_view_at_flow_detail_3(mitmdump, u
     assert "── user ──\n" in log and "say hello" in log
     assert "── text ──" in log and "hello from upstream" in log and "finish_reason: stop" in log
     assert PROXY_KEY not in log
+
+
+# --- the comment's verdict (flowsummary), pure -----------------------------------------------
+
+
+def _record(attempts, status=200, stream=False, **fields):
+    from ccx_addon.config import Channel
+    from ccx_addon.forwarding import Attempt, ForwardResult
+    from ccx_addon.routing import Route
+    from ccx_addon.state import FlowRecord
+
+    route = Route(Channel("good", "http://127.0.0.1:1", ("k",)), "up-model", None)
+    result = ForwardResult(status, "", [], route=route, key_label="good#1",
+                           attempts=[Attempt(*a) for a in attempts])
+    return FlowRecord(endpoint="chat", requested_model="gpt-5", stream=stream, result=result, **fields)
+
+
+def test_comment_words_for_first_try_failover_abort_and_replay():
+    from ccx_addon.flowsummary import Timing, comment_for, judge
+
+    timing = Timing(0.1, 0.2, 1.5)
+    first = _record([("good", "good#1", "up-model", "200", True)], stream=True)
+    text = comment_for(judge(first, 200), "chat", timing, None, "abc", True)
+    assert text == "✓ good | gpt-5→up-model | 200 stream | ttft 200ms | 1.50s | usage n/a | key good#1 | session abc"
+    assert "attempt" not in text and "failover" not in text
+
+    failover = _record([("flaky", "flaky#1", "m", "503 overloaded"), ("good", "good#1", "up-model", "200", True)])
+    verdict = judge(failover, 200)
+    assert (verdict.head, verdict.marker) == ("✓ good ⟵ flaky 503", ":yellow_circle:")
+    assert comment_for(verdict, "chat", timing, {"prompt_tokens": 3, "completion_tokens": 4}) == (
+        "✓ good ⟵ flaky 503 | gpt-5→up-model | 200 | ttfb 100ms | 1.50s | tokens in 3 out 4 | "
+        "failover after flaky (flaky#1): 503 overloaded | key good#1")
+
+    aborted = _record([("good", "good#1", "up-model", "200", True)], stream=True,
+                      stream_failure="client disconnected mid-stream")
+    verdict = judge(aborted, 200, "")
+    assert (verdict.head, verdict.marker, verdict.failed) == ("✂ aborted by client good", ":large_blue_circle:", False)
+    assert comment_for(verdict, "chat", timing, None, stream=True).startswith(
+        "✂ aborted by client good | gpt-5→up-model | 200 stream (partial) | ttft 200ms | 1.50s | key good#1")
+
+    replay = comment_for(judge(first, 200), "chat", timing, None, stream=True, replay_of="0123456789abcdef")
+    assert replay.startswith("↻✓ good | replay of 01234567 | gpt-5→up-model | 200 stream")
+
+    # In flight (no timing yet): no premature "usage n/a".
+    assert "usage" not in comment_for(judge(first, 200), "chat", None, None, stream=True)
