@@ -47,6 +47,7 @@ def test_mitmweb_shows_the_flow_log_without_any_key(mitmweb):
     assert httpx.post(gw.url + "/v1/chat/completions", json={"model": "gpt-5"},
                       headers={"x-api-key": UPSTREAM_KEYS[1]}, timeout=10).status_code == 401
 
+    api.wait_for_flows(lambda f: "ttf" in f["comment"], 2)  # a stream's response hook may run after its client is done
     listed = [f for f in api.get("/flows").json() if f["request"]["path"].endswith("/chat/completions")]
     attempts = [f for f in listed if "| attempt: #" in f["comment"]]  # leaky's 503s, as flows of their own
     flows = [f for f in listed if f not in attempts]

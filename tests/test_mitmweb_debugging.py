@@ -105,6 +105,12 @@ def view_text(api, flow_id: str, message: str, view: str) -> tuple[str, str]:
     return data.get("description", "") or data.get("view_name", ""), text
 
 
+def finished_chat(f: dict) -> bool:
+    """A chat flow whose response hook has run (a stream's client may see its end first):
+    only then does the comment carry the timing."""
+    return f["request"]["path"] == CHAT and "ttf" in f["comment"]
+
+
 def only_flow(api, predicate) -> dict:
     [flow] = api.wait_for_flows(predicate, 1)
     return flow
@@ -114,7 +120,7 @@ def test_content_view_renders_json_and_sse_answers(web):
     gw, api, _, _ = web
     assert chat(gw, "tools-sse", stream=True).status_code == 200
     assert chat(gw, "tools-json").status_code == 200
-    flows = api.wait_for_flows(lambda f: f["request"]["path"] == CHAT, 2)
+    flows = api.wait_for_flows(finished_chat, 2)
     streamed, buffered = sorted(flows, key=lambda f: f["timestamp_created"])
 
     _, text = view_text(api, streamed["id"], "response", "chat")
@@ -188,7 +194,7 @@ def test_failover_shows_the_failed_attempt_as_a_flow_of_its_own(web):
     gw, api, flaky, main = web
     reply = chat(gw, model="fo-1")
     assert reply.status_code == 200 and reply.headers["x-ccx-channel"] == "main"
-    flows = api.wait_for_flows(lambda f: f["request"]["path"] == CHAT, 2)
+    flows = api.wait_for_flows(lambda f: finished_chat(f) or "| attempt: #" in f["comment"], 2)
     [served] = [f for f in flows if "attempt_of" not in json.dumps(f.get("metadata", {})) and f["comment"].startswith("✓")]
     [attempt] = [f for f in flows if f["comment"].startswith("↯ ") and "| attempt: #" in f["comment"]]
 
@@ -245,7 +251,7 @@ def replay(api, flow_id: str) -> dict:
 def test_replay_sends_the_flow_again_with_the_real_key(web, stream):
     gw, api, _, main = web
     assert chat(gw, "hi", stream=stream).status_code == 200
-    original = only_flow(api, lambda f: f["request"]["path"] == CHAT)
+    original = only_flow(api, finished_chat)
     assert len(main.received) == 1
 
     replayed = replay(api, original["id"])
@@ -267,7 +273,7 @@ def test_replay_sends_the_flow_again_with_the_real_key(web, stream):
 def test_edit_and_replay_changes_what_the_upstream_receives(web):
     gw, api, _, main = web
     assert chat(gw, "hi").status_code == 200
-    original = only_flow(api, lambda f: f["request"]["path"] == CHAT)
+    original = only_flow(api, finished_chat)
     # Duplicate, edit the copy's body, replay the copy (mitmweb's Edit → Replay).
     assert api.post(f"/flows/{original['id']}/duplicate").status_code == 200
     [copy] = [f for f in api.flows() if f["id"] != original["id"] and f["request"]["path"] == CHAT]
@@ -286,7 +292,7 @@ def test_edit_and_replay_changes_what_the_upstream_receives(web):
 def test_replay_of_a_flow_whose_channel_is_gone_gets_a_clear_error(web, write_config, tmp_path):
     gw, api, flaky, main = web
     assert chat(gw, "hi").status_code == 200
-    original = only_flow(api, lambda f: f["request"]["path"] == CHAT)
+    original = only_flow(api, finished_chat)
     # The config loses the channel (the gateway reloads its file when it changes).
     gw.config_path.write_text(config(channel("flaky", flaky.url + "/v1", keys=(UPSTREAM_KEYS[0],))))
     assert api.post("/commands/ccx.reload").status_code == 200

@@ -55,6 +55,10 @@ def test_status_shows_keys_breakers_and_counts_of_a_running_gateway(mitmdump, up
     # broken fails once: its breaker opens.
     assert httpx.post(url, json={"model": "b-1", "messages": []}, headers=auth, timeout=10).status_code == 503
 
+    # A stream is counted when its response hook runs, which may be after its client is done.
+    deadline = time.time() + 5
+    while gw.log().count("POST /v1/chat/completions ") < 3 and time.time() < deadline:
+        time.sleep(0.05)
     result = ccx_status("--url", gw.url)
     assert result.returncode == 0, result.stderr
     out = result.stdout

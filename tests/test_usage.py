@@ -6,6 +6,7 @@ import json
 
 import httpx
 
+from chatclient import chat_flows
 from conftest import PROXY_KEY, channel, config
 from fakeupstream import chunk_events, sse_answer
 
@@ -38,7 +39,7 @@ def test_usage_asked_for_on_the_clients_behalf_is_counted_but_not_sent(gateway, 
     events = data_events(reply.text)
     assert not any("usage" in e for e in events) and reply.text.endswith("data: [DONE]\n\n")
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == "ab"
-    [flow] = [f for f in gw.flows if f.request.path.endswith("/chat/completions")]
+    [flow] = chat_flows(gw, 1)
     assert "| tokens in 11 out 2 |" in flow.comment
     assert flow.metadata["ccx"]["usage"]["completion_tokens"] == 2
 
@@ -52,7 +53,7 @@ def test_a_stream_without_usage_says_so(gateway, upstreams):
     gw = gateway(config(channel("main", up.url + "/v1")))
     assert stream(gw).status_code == 200
     assert "stream_options" not in up.received[0].json
-    [flow] = [f for f in gw.flows if f.request.path.endswith("/chat/completions")]
+    [flow] = chat_flows(gw, 1)
     assert "| usage n/a |" in flow.comment
 
 
