@@ -137,7 +137,7 @@ class AccessGate:
                 raise exceptions.OptionsError(f"ccx_max_header_size: {e}") from None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
+        if flow.response or not flow.live or flow in self.state.records:  # a replay (replay.py)
             return
         # First, before anything can show or log the flow.
         headers = flow.request.headers

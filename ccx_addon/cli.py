@@ -5,6 +5,7 @@ look at a config without starting anything.
     ccx-addon check [--config FILE]
     ccx-addon explain MODEL [--config FILE]
     ccx-addon opencode-config [--config FILE] [--listen HOST:PORT] [--model NAME ...]
+    ccx-addon status [--url http://127.0.0.1:3000]   (asks a running gateway; PROXY_ACCESS_KEY)
 """
 
 import argparse
@@ -14,7 +15,7 @@ from pathlib import Path
 
 ADDON_SCRIPT = Path(__file__).resolve().parent / "addon.py"
 DEFAULT_LISTEN = "127.0.0.1:3000"
-SUBCOMMANDS = ("check", "explain", "opencode-config")
+SUBCOMMANDS = ("check", "explain", "opencode-config", "status")
 # explain and opencode-config only need the routing: a shell without the proxy key set
 # should still get an answer (the key itself is never printed either way).
 PLACEHOLDER_PROXY_KEY = "placeholder-for-ccx-addon-cli"
@@ -90,6 +91,8 @@ def base_url_for(listen: str) -> str:
 
 
 def run_subcommand(argv: list[str]) -> int:
+    if argv[0] == "status":
+        return run_status(argv[1:])
     parser = argparse.ArgumentParser(prog="ccx-addon", description="Look at a ccx-addon config without starting the gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a config and print what it would serve")
@@ -120,6 +123,43 @@ def run_subcommand(argv: list[str]) -> int:
         if not block["provider"][explaining.PROVIDER_ID]["models"]:
             print("ccx-addon: no active channel names an exact model; add models with --model NAME",
                   file=sys.stderr)
+    return 0
+
+
+def run_status(argv: list[str]) -> int:
+    """Ask a running gateway for its status (`GET /ccx/status` with the proxy key from the
+    environment, never from the command line where `ps` shows it) and print the table."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from .errors import STATUS_PATH
+    from .statusreport import format_status
+
+    parser = argparse.ArgumentParser(prog="ccx-addon status", description="Print a running gateway's channels, keys, breakers and counts.")
+    parser.add_argument("--url", default=f"http://{DEFAULT_LISTEN}", help="the gateway (default: http://127.0.0.1:3000)")
+    args = parser.parse_args(argv)
+    key = os.environ.get("PROXY_ACCESS_KEY", "")
+    if not key:
+        print("ccx-addon status: set PROXY_ACCESS_KEY to the gateway's proxy access key", file=sys.stderr)
+        return 1
+    request = urllib.request.Request(args.url.rstrip("/") + STATUS_PATH, headers={"authorization": f"Bearer {key}"})
+    try:
+        # Straight to the gateway: an ambient HTTP_PROXY must not receive the proxy key.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=10) as response:
+            status = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        print(f"ccx-addon status: the gateway answered {e.code}: {message}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"ccx-addon status: cannot reach a gateway at {args.url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 1
+    print(format_status(status))
     return 0
 
 

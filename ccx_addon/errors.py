@@ -10,6 +10,7 @@ from mitmproxy import http
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 HEALTH_PATH = "/health"
+STATUS_PATH = "/ccx/status"
 
 OPENAI_COMPATIBLE_HINT = (
     "choose an OpenAI Chat-compatible provider (in OpenCode: npm package "
@@ -84,6 +85,7 @@ _SERVED = {
     CHAT_PATH: ("chat", "POST"),
     MODELS_PATH: ("models", "GET"),
     HEALTH_PATH: ("health", "GET"),
+    STATUS_PATH: ("status", "GET"),  # status.py, behind the proxy key
 }
 
 _OTHER_APIS = {

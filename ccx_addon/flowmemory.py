@@ -139,6 +139,8 @@ class FlowMemory:
         result.sent_body = b""
         result.body = None
         record.capture = None
+        for attempt in result.attempts:  # attempt flows (attemptflows.py) were built already
+            attempt.sent_body, attempt.body = b"", b""
         return freed
 
     def remember(self, flow: http.HTTPFlow) -> None:

@@ -2,12 +2,14 @@
 mitmdump summary line. Pure functions over what the gateway recorded, so tests call them
 directly.
 
-The comment is written to be filtered with `~comment REGEX`, which works in mitmdump,
-mitmproxy and both mitmweb versions (11 filters in the browser, 12 on the server):
-- `^ccx CHANNEL ` the channel that answered; `CHANNEL#` every request that reached it;
-- the requested and upstream model as `REQUESTED → UPSTREAM`;
+The comment is written to be read in mitmweb's narrow comment column (the verdict first)
+and filtered with `~comment REGEX`, which works in mitmdump, mitmproxy and both mitmweb
+versions (11 filters in the browser, 12 on the server):
+- `key CHANNEL#` the channel that answered; `CHANNEL#` every request that reached it;
+- the requested and upstream model as `REQUESTED→UPSTREAM`;
 - `session XXXXXXXX` the client session (OpenCode's `x-session-id`);
-- `failed` / `rejected` every failure, `failover` answers served after a failover.
+- `failed` / `rejected` every failure, `failover` answers served after a failover,
+  `aborted` requests the client gave up.
 Words are lower-case: mitmproxy 11.0 matches filters case-sensitively, later versions and
 mitmweb 11's browser filters do not.
 """
@@ -25,6 +27,10 @@ from .state import FlowRecord
 MARK_FAILOVER = ":yellow_circle:"
 MARK_REJECTED = ":orange_circle:"
 MARK_UPSTREAM_ERROR = ":red_circle:"
+# A client that gave up is not an upstream error.
+MARK_CLIENT_ABORT = ":large_blue_circle:"
+# A failed upstream attempt shown as a flow of its own.
+MARK_ATTEMPT = ":purple_circle:"
 
 # OpenCode sends both, with the same value for a whole session. Not a secret.
 SESSION_HEADERS = ("x-session-id", "x-session-affinity")
@@ -158,19 +164,24 @@ def format_timing(timing: Timing | None, stream: bool) -> list[str]:
 
 # --- the comment ------------------------------------------------------------------------------
 
+# The first characters say what happened: mitmweb's comment column is 150 px wide whatever
+# the window size, and shows about 17 characters (screenshot in docs/screenshots).
+SERVED, FAILED, REJECTED, ABORTED, LOCAL = "✓", "✗", "⊘", "✂", "·"
+
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """What happened to one request, in the words of the comment and the log line."""
 
-    served_by: str  # "deepseek (deepseek#1)", "" when no channel answered
-    models: str  # "gpt-5 → deepseek-chat", or just the requested model
-    attempts: str  # "attempt 2/2, failover after glm (glm#1): 503 overloaded"
-    status: str  # "200 stream", "503 failed", "401 rejected"
-    problems: tuple[str, ...]  # errors after the answer started
+    head: str  # "✓ deepseek ⟵ glm 503", "✗ failed 400 kimi", "⊘ 401 rejected: invalid_api_key"
+    models: str  # "gpt-5→deepseek-chat", or just the requested model
+    status: str  # "200 stream", "503", "no answer"
+    problems: tuple[str, ...]  # what went wrong, when the head alone does not say it
+    failover: str  # "failover after glm (glm#1): 503 overloaded"; "" on a first-try success
+    key: str  # the serving key's label, "deepseek#1"
     marker: str
     failed: bool
-    rejected: str = ""  # the gateway's error code when it answered itself
+    kind: str = "served"  # served | failover | failed | rejected | aborted
     fixes: str = ""  # the request fixes the serving attempt got (presets, channel fixes)
     affinity: str = ""  # session affinity's key choice, e.g. "→ pool#2 (new)"
     proxy: str = ""  # the serving channel's proxy, credentials masked
@@ -182,45 +193,43 @@ def tries_of(record: FlowRecord) -> list:
     return record.result.tries
 
 
+def short_outcome(outcome: str) -> str:
+    """A failed attempt's outcome in one or two words for the head: `503`, `timeout`,
+    `unreachable`, `circuit open`, `cooling`."""
+    if outcome[:3].isdigit():
+        return outcome[:3]
+    if outcome.startswith("skipped"):
+        for words in ("circuit open", "half-open", "cooling", "disabled"):
+            if words in outcome:
+                return words
+        return "skipped"
+    if "timeout" in outcome or "within" in outcome:
+        return "timeout"
+    return "unreachable"
+
+
+def failed_before(attempts) -> str:
+    """`⟵ glm 503` for the failed attempt just before the one that served (`+N` more)."""
+    if not attempts:
+        return ""
+    last = attempts[-1]
+    more = f" +{len(attempts) - 1}" if len(attempts) > 1 else ""
+    return f" ⟵ {last.channel} {short_outcome(last.outcome)}{more}"
+
+
+def client_aborted(record: FlowRecord) -> bool:
+    return record.client_gone or (record.stream_failure or "").startswith(("client disconnected", "not collected"))
+
+
 def judge(record: FlowRecord, status: int | None, error: str = "") -> Verdict | None:
     """None for the gateway's own endpoints (/health, /v1/models)."""
-    status_text = str(status) if status is not None else "no answer"
-    if record.rejected:
-        return Verdict("", record.requested_model, "", f"{status_text} rejected", (), MARK_REJECTED, True, record.rejected)
-    if record.endpoint != "chat":
-        return None
-    stream = " stream" if record.stream else ""
+    verdict = judge_outcome(record, status, error)
     result = record.result
-    if result is None:
-        why = "client disconnected before any answer" if record.client_gone else (error or "no answer")
-        failed = "failed" if status is None else f"{status} failed"
-        return Verdict("", record.requested_model, "", failed, (why,), MARK_UPSTREAM_ERROR, True)
-
-    tries = tries_of(record)
-    earlier = result.attempts[:-1] if result.route else result.attempts
-    why = "; ".join(f"{a.channel} ({a.key}): {a.outcome}" for a in earlier)
-    problems = tuple(p for p in (error, f"stream ended early: {record.stream_failure}" if record.stream_failure else "") if p)
-    failed = bool(problems) or not result.ok
-    if status is None:
-        status = result.status
-    if result.route is not None:
-        route = result.route
-        served_by = f"{route.channel.name} ({result.key_label})"
-        models = f"{record.requested_model} → {route.upstream_model}"
-        attempts = f"attempt {len(tries)}/{max(len(tries), result.candidates)}"
-        if why:
-            attempts += (", failover after " if result.served_by_failover and not failed else " after ") + why
-    else:
-        served_by, models, attempts = "", record.requested_model, f"tried {why}"
-    if failed:
-        marker = MARK_UPSTREAM_ERROR
-    elif result.served_by_failover:
-        marker = MARK_FAILOVER
-    else:
-        marker = ""
-    return Verdict(served_by, models, attempts, f"{status}{stream}" + (" failed" if failed else ""), problems, marker, failed,
-                   fixes=", ".join(result.fixes),
-                   affinity=result.affinity, proxy=proxy_of(result))
+    if verdict is None or result is None or verdict.kind == "rejected":
+        return verdict
+    return dataclasses.replace(
+        verdict, fixes=", ".join(result.fixes), affinity=result.affinity, proxy=proxy_of(result),
+    )
 
 
 def proxy_of(result) -> str:
@@ -229,54 +238,86 @@ def proxy_of(result) -> str:
     return proxy.display if proxy is not None else ""
 
 
+def judge_outcome(record: FlowRecord, status: int | None, error: str = "") -> Verdict | None:
+    """The verdict words of `judge`, from the status and the attempts."""
+    status_text = str(status) if status is not None else "no answer"
+    if record.rejected:
+        return Verdict(f"{REJECTED} {status_text} rejected: {record.rejected}", record.requested_model, "", (),
+                       "", "", MARK_REJECTED, True, "rejected")
+    if record.endpoint != "chat":
+        return None
+    stream = " stream" if record.stream else ""
+    result = record.result
+    if result is None:
+        if record.client_gone:
+            return Verdict(f"{ABORTED} aborted by client", record.requested_model, "no answer",
+                           ("the client left before any answer; upstream request cancelled",), "", "",
+                           MARK_CLIENT_ABORT, False, "aborted")
+        return Verdict(f"{FAILED} failed {status_text}", record.requested_model, status_text, (error or "no answer",),
+                       "", "", MARK_UPSTREAM_ERROR, True, "failed")
+    if status is None:
+        status = result.status
+    route = result.route
+    earlier = [a for a in (result.attempts[:-1] if route else result.attempts) if not a.ok]
+    details = "; ".join(f"{a.channel} ({a.key}): {a.outcome}" for a in earlier)
+    models = f"{record.requested_model}→{route.upstream_model}" if route else record.requested_model
+    key = result.key_label if route and result.key_label not in ("", "-") else ""
+    channel = route.channel.name if route else ""
+    status_words = f"{status}{stream}"
+    if client_aborted(record):
+        return Verdict(f"{ABORTED} aborted by client {channel}".rstrip(), models, status_words + " (partial)", (),
+                       f"failover after {details}" if details else "", key, MARK_CLIENT_ABORT, False, "aborted")
+    problems = tuple(p for p in (error, f"stream ended early: {record.stream_failure}" if record.stream_failure else "") if p)
+    if problems or not result.ok:
+        where = f" {channel}" if channel else ""
+        head = f"{FAILED} failed mid-stream{where}" if result.ok else f"{FAILED} failed {status}{where}"
+        return Verdict(head, models, status_words, problems, f"tried {details}" if details else "", key,
+                       MARK_UPSTREAM_ERROR, True, "failed")
+    if earlier:
+        return Verdict(f"{SERVED} {channel}{failed_before(earlier)}", models, status_words, (),
+                       f"failover after {details}", key, MARK_FAILOVER, False, "failover")
+    return Verdict(f"{SERVED} {channel}", models, status_words, (), "", key, "", False, "served")
+
+
+def format_usage(verdict: Verdict, usage: dict | None) -> str:
+    """`tokens in 1200 out 340`; `usage n/a` for an answer that carried none."""
+    if usage:
+        return format_tokens(usage)
+    return "usage n/a" if verdict.kind in ("served", "failover") else ""
+
+
 def comment_for(
     verdict: Verdict | None, endpoint: str = "", timing: Timing | None = None, usage: dict | None = None,
-    session: str = "", stream: bool = False,
+    session: str = "", stream: bool = False, links: str = "", replay_of: str = "",
 ) -> str:
-    """One line for mitmweb's comment column, e.g.
-    `ccx deepseek (deepseek#1) | gpt-5 → deepseek-chat | attempt 1/1 | 200 stream | ttft 412ms | 3.20s | tokens in 1200 out 340 | session 3f2a9c1d`."""
+    """One line for mitmweb's comment column, always in this order: verdict, models,
+    status, problems, timing, tokens, failover details, serving key, session, linked flows
+    (a replay: `↻` before the verdict, `replay of ID` after it).
+    `✓ deepseek ⟵ glm 503 | gpt-5→deepseek-chat | 200 stream | ttft 412ms | 3.20s |
+    tokens in 1200 out 340 | failover after glm (glm#1): 503 overloaded | key deepseek#1 |
+    session 3f2a9c1d`."""
     if verdict is None:
-        return f"ccx local: {endpoint}"
-    if verdict.rejected:
-        parts = [f"ccx rejected: {verdict.status.removesuffix(' rejected')} {verdict.rejected}"]
-        parts += [verdict.models] if verdict.models else []
-    else:
-        parts = [f"ccx {verdict.served_by}" if verdict.served_by else "ccx failed", verdict.models]
-        parts += [verdict.attempts] if verdict.attempts else []
-        parts += [f"fixes: {verdict.fixes}"] if verdict.fixes else []
-        parts.append(verdict.status)
-        parts += verdict.problems
+        return f"{LOCAL} local {endpoint}"
+    # A replay (from mitmweb): its mark before the verdict, what it replays right after.
+    parts = [f"↻{verdict.head}", f"replay of {replay_of[:8]}"] if replay_of else [verdict.head]
+    if verdict.kind != "rejected":
+        parts += [verdict.models, verdict.status, *verdict.problems]
         parts += format_timing(timing, stream)
-        parts += [format_tokens(usage)] if usage else []
-    parts += [f"proxy {verdict.proxy}"] if verdict.proxy else []
-    parts += [_session_part(session, verdict)] if session else []
+        parts.append(format_usage(verdict, usage) if timing is not None else "")  # not while in flight
+        parts += [verdict.failover, f"fixes: {verdict.fixes}" if verdict.fixes else ""]
+        parts += [f"key {verdict.key}" if verdict.key else "", f"proxy {verdict.proxy}" if verdict.proxy else ""]
+    else:
+        parts.append(verdict.models)
+    parts += [session_part(session, verdict) if session else "", links]
     return " | ".join(p for p in parts if p)
 
 
-def _session_part(session: str, verdict: Verdict) -> str:
+def session_part(session: str, verdict: Verdict) -> str:
     """`session 3f2a9c1d`, plus the key session affinity chose: `→ pool#2 (new)`."""
     return f"session {session} {verdict.affinity}" if verdict.affinity else f"session {session}"
 
 
-def summary_line(
-    method: str, path: str, verdict: Verdict, timing: Timing | None = None, usage: dict | None = None,
-    session: str = "", stream: bool = False,
-) -> str:
-    """mitmdump's line for a gateway request, in the spirit of its own flow lines:
-    `POST /v1/chat/completions gpt-5 → deepseek-chat via deepseek (deepseek#1) << 200 stream, ttft 412ms, 3.20s, tokens in 1200 out 340`."""
-    head = f"{method} {path}"
-    if verdict.models:
-        head += f" {verdict.models}"
-    if verdict.served_by:
-        head += f" via {verdict.served_by}" + (f" through proxy {verdict.proxy}" if verdict.proxy else "")
-    answer = [verdict.status + (f" {verdict.rejected}" if verdict.rejected else "")]
-    answer += list(verdict.problems)
-    if not verdict.rejected:
-        answer += format_timing(timing, stream)
-        answer += [format_tokens(usage)] if usage else []
-    line = f"{head} << {', '.join(a for a in answer if a)}"
-    if verdict.attempts and (verdict.attempts != "attempt 1/1"):
-        line += f"; {verdict.attempts}"
-    if session:
-        line += f" [{_session_part(session, verdict)}]"
-    return line
+def summary_line(method: str, path: str, comment: str) -> str:
+    """mitmdump's line for a gateway request: the client's method and path, then the same
+    words as the comment."""
+    return f"{method} {path} {comment}"

@@ -3,13 +3,14 @@ which attempt served it, keeps its streamed body, and shows the upstream URL."""
 
 import itertools
 import logging
+import time
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.utils import human
 
 # The comment, its marker and the summary line are built in flowsummary (pure code).
 from .flowsummary import (
-    TimedStreamCapture, Timing, comment_for, judge, measure, session_label, summary_line,
+    TimedStreamCapture, Timing, client_aborted, comment_for, judge, measure, session_label, summary_line,
 )
 from .config import url_without_credentials
 from .errors import display_text
@@ -89,6 +90,8 @@ class FlowView:
         if record.result is not None and flow.response is None:
             # Say where the flow is going while it is in flight.
             flow.comment, _ = describe(record, record.result.status)
+        if flow.response is not None:
+            show_client_url(flow, record)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         record = self.state.records.get(flow)
@@ -104,21 +107,31 @@ class FlowView:
         record = self.state.records.get(flow)
         if record is None:
             return
+        show_client_url(flow, record)
         if record.capture is not None:
             flow.response.raw_content = bytes(record.capture.kept)
         self.annotate(flow, record, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = self.state.records.get(flow)
-        if record is not None:
-            message = flow.error.msg if flow.error else "error"
-            if record.client_gone:
-                message = "client disconnected before the answer; upstream request cancelled"
-            elif record.handover_token and record.stream_failure is None and client_gone(flow):
-                # The hand-over notices a moment later (and cancels the upstream then); the
-                # flow is annotated now.
-                record.stream_failure = "client disconnected mid-stream"
-            self.annotate(flow, record, flow.response.status_code if flow.response else None, message)
+        if record is None:
+            return
+        message = flow.error.msg if flow.error else "error"
+        if record.handover_token and record.stream_failure is None and client_gone(flow):
+            # The hand-over notices a moment later (and cancels the upstream then); the
+            # flow is annotated now.
+            record.stream_failure = "client disconnected mid-stream"
+        show_client_url(flow, record)
+        if client_aborted(record):
+            message = ""  # the verdict says it; mitmproxy's own words would repeat it
+        if flow.response is not None:
+            # Keep what was streamed before the break (bounded); a response without any
+            # content makes mitmweb's content endpoint fail (HTTP 500, TypeError).
+            kept = bytes(record.capture.kept) if record.capture is not None else b""
+            if flow.response.raw_content is None:
+                flow.response.raw_content = kept
+            flow.response.timestamp_end = flow.response.timestamp_end or time.time()
+        self.annotate(flow, record, flow.response.status_code if flow.response else None, message)
 
     def annotate(self, flow: http.HTTPFlow, record: FlowRecord, status: int | None, error: str = "") -> None:
         verdict = judge(record, status, error)
@@ -126,14 +139,15 @@ class FlowView:
         if record.endpoint == "chat" and record.result is not None:
             timing = measure(record, flow)
             usage = usage_of(record, flow)
-        flow.comment = display_text(comment_for(verdict, record.endpoint, timing, usage, record.session, record.stream))
-        if verdict is not None and verdict.marker:
+        flow.comment = display_text(comment_for(verdict, record.endpoint, timing, usage, record.session, record.stream,
+                                                links_text(record), record.replay_of))
+        if verdict is not None and (verdict.marker or record.replay_of):  # a replay's own verdict
             flow.marked = verdict.marker
-        flow.metadata["ccx"] = self.metadata(record, status, timing, usage)
+        flow.metadata["ccx"] = {"flow_id": flow.id, **self.metadata(record, status, timing, usage)}
         if verdict is not None:
             method = record.client_request.get("method", flow.request.method)
             path = record.client_request.get("path", flow.request.path)
-            line = display_text(summary_line(method, path, verdict, timing, usage, record.session, record.stream))
+            line = summary_line(method, path, flow.comment)
             # Failures stand out in mitmdump's output (warnings are coloured).
             (logger.warning if verdict.failed else logger.info)(line)
 
@@ -160,12 +174,52 @@ class FlowView:
                 key=result.key_label or None,
                 attempts=[
                     {"channel": a.channel, "key": a.key, "model": a.upstream_model, "outcome": a.outcome,
-                     "url": url_without_credentials(a.url)}
+                     "ok": a.ok, "url": url_without_credentials(a.url)}
                     for a in result.attempts
                 ],
                 stream_failure=record.stream_failure,
             )
+        if record.attempt_flows:
+            data["attempt_flows"] = list(record.attempt_flows)
+        if record.replay_of:
+            data["replay_of"] = record.replay_of
         return data
+
+
+def answered_locally(record: FlowRecord) -> bool:
+    """The gateway answered without an upstream: refusals, its own endpoints, errors made
+    before or instead of an upstream answer, echo."""
+    result = record.result
+    return (record.rejected != "" or record.endpoint != "chat" or result is None or result.route is None
+            or result.route.channel.is_echo)
+
+
+def client_url(flow: http.HTTPFlow) -> tuple[str, str, int] | None:
+    """(scheme, host, port) the client connected to: the listen address, not the reverse
+    mode's placeholder target (`http://127.0.0.1:9`) the request still names."""
+    sockname = flow.client_conn.sockname
+    if not sockname:
+        return None
+    scheme = "https" if flow.client_conn.tls_established else "http"
+    return scheme, sockname[0], sockname[1]
+
+
+def show_client_url(flow: http.HTTPFlow, record: FlowRecord) -> None:
+    """Local answers show the URL the client called (the request path is already real)."""
+    if record.replay_of or not answered_locally(record) or (target := client_url(flow)) is None:
+        return
+    scheme, host, port = target
+    if (flow.request.scheme, flow.request.host, flow.request.port) == target:
+        return
+    flow.request.scheme, flow.request.host, flow.request.port = scheme, host, port
+    flow.request.host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def links_text(record: FlowRecord) -> str:
+    """The ids of the failed attempts' own flows, so `~comment ID` finds both sides."""
+    if not record.attempt_flows:
+        return ""
+    return "attempt flows " + " ".join(i[:8] for i in record.attempt_flows)
 
 
 def usage_of(record: FlowRecord, flow: http.HTTPFlow) -> dict | None:
@@ -174,4 +228,4 @@ def usage_of(record: FlowRecord, flow: http.HTTPFlow) -> dict | None:
     usage = find_usage(flow.response.raw_content or b"") if flow.response else None
     if usage is None and isinstance(record.capture, TimedStreamCapture):
         usage = find_usage(record.capture.tail)
-    return usage
+    return usage or record.removed_usage

@@ -17,7 +17,7 @@ from .errors import error_body
 from .health import CircuitBreaker, HealthRegistry, KeyPool, SessionChoice
 from .keylimits import Lease
 from .reasoning import ReasoningCache
-from .redact import scrub_text
+from .redact import scrub_bytes, scrub_text
 from .rewrite import build_attempt_body
 from .routing import Route, RoutePlan
 from .sse import completion_to_events, is_event_stream
@@ -43,6 +43,15 @@ class Attempt:
     ok: bool = False
     fixes: tuple[str, ...] = ()  # labels of the request fixes this attempt's body got
     url: str = ""  # the chat completions URL the request went to ("" when skipped)
+    # What the flow view shows of an attempt as a flow of its own (attemptflows.py): set
+    # by note_request / note_answer, never a key (headers masked, bodies scrubbed, bounded).
+    sent_body: bytes = b""
+    started: float = 0.0
+    ended: float = 0.0
+    status: int | None = None
+    reason: str = ""
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    body: bytes = b""
 
     @property
     def skipped(self) -> bool:
@@ -163,9 +172,15 @@ class AttemptRun:
                 lease.release()
         self.leases.clear()
 
-    def fail(self, attempt: Attempt, error: "UpstreamError", prefix: str = "") -> None:
+    def fail(self, attempt: Attempt, error: "UpstreamError", prefix: str = "", response=None) -> None:
+        """An attempt without a usable answer: no connection, or (`response`) a body that
+        broke off."""
         # A client library's complaint may quote the URL, credentials included.
         attempt.outcome = scrub_text(prefix + error.reason, self.config.secrets)
+        if response is None:
+            note_answer(attempt, self.config.secrets)
+        else:
+            note_answer(attempt, self.config.secrets, response.status, response.reason or "", response.headers.items())
         self.any_timeout = self.any_timeout or error.timeout
 
     def result(self, route: Route, status: int, reason: str, headers, **fields) -> ForwardResult:
@@ -290,6 +305,7 @@ class Forwarder:
             return answer_echo(run, route, attempt), ""
 
         body, attempt.fixes = attempt_body(run, route)
+        note_request(attempt, body)
         sent_at = time.monotonic()
         try:
             response = await self.send(run, channel, index, body, attempt.url)
@@ -307,7 +323,7 @@ class Forwarder:
         try:
             answer = await self.read(run, channel, response)
         except UpstreamError as e:
-            run.fail(attempt, e, prefix=f"{status}, then ")
+            run.fail(attempt, e, prefix=f"{status}, then ", response=response)
             breaker.record(False, time.time(), probe)
             return None, NEXT_CHANNEL
 
@@ -317,6 +333,7 @@ class Forwarder:
         )
         if not retry and verdict.action == SERVE and self.learn_cap(run, route, status, answer, body):
             attempt.outcome = f"{status} output cap {self.caps.get(channel.name, route.upstream_model)} learnt, retrying"
+            note_answer(attempt, run.config.secrets, status, result.reason, result.headers, answer)
             breaker.record(True, time.time(), probe)
             return await self.attempt(run, route, index, probe, retry=True, url=attempt.url)
         return self.settle(run, route, index, attempt, probe, verdict, result)
@@ -338,7 +355,7 @@ class Forwarder:
             raise
         except UpstreamError as e:
             response.close()
-            run.fail(attempt, e, prefix=f"{status} stream, then ")
+            run.fail(attempt, e, prefix=f"{status} stream, then ", response=response)
             breaker.record(False, time.time(), probe)
             return None, NEXT_CHANNEL
         headers = response_headers_for_client(list(response.headers.items()), True)
@@ -373,6 +390,7 @@ class Forwarder:
             breaker.record(True, time.time(), probe)
             return refused(run, result, attempt.outcome), ""
         run.last_answer = result
+        note_answer(attempt, run.config.secrets, result.status, result.reason, result.headers, result.body or b"")
         if upstream_headers is None:
             upstream_headers = dict(result.headers)
         # The disable reason shows in /health: the scrubbed text, never the upstream's own.
@@ -446,6 +464,23 @@ class Forwarder:
             return False
         self.caps.learn(route.channel.name, route.upstream_model, cap)
         return True
+
+
+# The most of an attempt's answer body an attempt flow keeps (attemptflows.py).
+ATTEMPT_BODY_LIMIT = 256 * 1024
+
+
+def note_request(attempt: Attempt, body: bytes) -> None:
+    attempt.sent_body, attempt.started = body, time.time()
+
+
+def note_answer(attempt: Attempt, secrets: tuple[str, ...], status: int | None = None, reason: str = "",
+                headers: Iterable[tuple[str, str]] = (), body: bytes = b"") -> None:
+    """The upstream's answer to one attempt, for the flow view: scrubbed, bounded."""
+    attempt.ended = time.time()
+    attempt.status, attempt.reason = status, reason
+    attempt.headers = [(k, scrub_text(v, secrets)) for k, v in headers]
+    attempt.body = scrub_bytes(body[:ATTEMPT_BODY_LIMIT], secrets)
 
 
 def _deadline(request: ChatRequest, channel: Channel) -> float | None:

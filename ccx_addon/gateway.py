@@ -26,9 +26,10 @@ from .reasoning import ReasoningObserver, capture_completion
 from .redact import StreamScrubber, scrub_bytes, scrub_headers
 from .requestcheck import decode_body
 from .rewrite import fixes_for, image_refusals
-from .routing import plan_routes
+from .routing import pinned_plan, plan_routes
 from .state import SECRET_MASK, FlowRecord, GatewayState
 from .upstream import UpstreamClient, upstream_request_headers
+from .usagechunk import UsageChunkRemover, client_asked_for_usage
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def client_session_id(headers: http.Headers) -> str:
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:
-    return not (flow.client_conn.state & ConnectionState.CAN_READ)
+    # A replay's client is mitmproxy itself; the flow keeps the original's closed connection.
+    return not flow.is_replay and not (flow.client_conn.state & ConnectionState.CAN_READ)
 
 
 class ClientWatch:
@@ -144,8 +146,10 @@ class ChatGateway:
             return
         record.requested_model = display_text(chat.model)
         record.stream = chat.stream
+        record.usage_requested = chat.stream and client_asked_for_usage(body)
 
-        plan = plan_routes(config, chat.model)
+        # A replay goes to the channel its flow shows (replay.py).
+        plan = pinned_plan(record.pinned_channel, chat.model) if record.pinned_channel else plan_routes(config, chat.model)
         if not plan.routes:
             reject(flow, record, 404, model_not_found_message(chat.model, plan.describe_skipped()),
                    "model_not_found", "model")
@@ -264,7 +268,11 @@ class ChatGateway:
 
         headers = self.scrubbed_headers(result.headers, secrets) + gateway_headers(result)
         # Decoding and scrubbing first: later steps see plain, scrubbed bytes.
-        steps = stream_transforms(result.stream.headers.get("content-encoding"), secrets) + list(transforms or ())
+        steps = [
+            *stream_transforms(result.stream.headers.get("content-encoding"), secrets),
+            *(transforms or ()),
+            *usage_transforms(record, route.channel),
+        ]
         if rewrite_to is not None:
             steps.append(ModelRewrite(rewrite_to))
             if (original := first_model(result.stream_first)) is not None:
@@ -318,6 +326,11 @@ def rewrite_answer_model(result: ForwardResult, model: str) -> None:
     result.body, original = rewrite_buffered(result.body or b"", content_type, model)
     if original is not None:
         result.headers = [*result.headers, answer_model_header(original)]
+def usage_transforms(record: FlowRecord, channel) -> list:
+    """A channel asked for usage on the client's behalf: take the extra chunk out again."""
+    if not channel.stream_usage or record.usage_requested:
+        return []
+    return [UsageChunkRemover(lambda usage: setattr(record, "removed_usage", usage))]
 
 
 def gateway_headers(result: ForwardResult) -> list[tuple[str, str]]:

@@ -139,3 +139,9 @@ def listed_models(config: GatewayConfig, upstream: Mapping[str, tuple[str, tuple
             if not is_glob(key) and route_for(channel, key)[0] is not None:
                 names[key] = None
     return sorted(names)
+
+
+def pinned_plan(channel: Channel, model: str) -> RoutePlan:
+    """One route over `channel` that sends `model` unchanged: a replayed flow already shows
+    the request as its upstream received it (mapped model and all)."""
+    return RoutePlan(model, (Route(channel, model, None),), ())

@@ -7,7 +7,7 @@ import weakref
 
 from mitmproxy import http
 
-from .config import GatewayConfig
+from .config import Channel, GatewayConfig
 from .forwarding import ForwardResult
 from .health import HealthRegistry
 from .redact import SECRET_MASK, scrub_bytes
@@ -37,6 +37,15 @@ class FlowRecord:
     # host, port, header fields), shown again once answered; later hooks leave it alone.
     answered_early: tuple = ()
     close_connection: bool = False  # the client asked for it (or speaks HTTP/1.0)
+    # Ids of the flows that show this request's failed upstream attempts (attemptflows.py).
+    attempt_flows: list[str] = dataclasses.field(default_factory=list)
+    # A replay (replay.py): the flow it replays, and the channel it is pinned to.
+    replay_of: str = ""
+    pinned_channel: Channel | None = None
+    # Tokens on every stream (usagechunk.py): whether the client asked for usage itself,
+    # and the usage taken out of a stream it did not ask for it in.
+    usage_requested: bool = False
+    removed_usage: dict | None = None
 
 
 class GatewayState:

@@ -159,7 +159,7 @@ def test_a_session_that_fails_over_is_bound_on_the_second_channel_too(gateway, u
     used = keys_since(up, start)
     assert len(set(used)) == 1, used
     comments = [f.comment for f in chat_flows(gw, 5)[1:]]
-    assert comments[0].startswith("ccx second") and f"→ second#{used[0] + 1} (new)" in comments[0]
+    assert comments[0].startswith("✓ second") and f"→ second#{used[0] + 1} (new)" in comments[0]
     assert comments[-1].endswith(f"session aa11bb22 → second#{used[0] + 1}"), comments[-1]
 
 
@@ -205,7 +205,7 @@ def test_the_summary_log_line_shows_the_binding(gateway, upstreams, caplog):
     turn(gw, "ses_logline_12345678")
     chat_flows(gw, 1)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /v1/chat/completions")]
-    assert lines and lines[-1].endswith("[session 12345678 → pool#1 (new)]"), lines
+    assert lines and lines[-1].endswith("| session 12345678 → pool#1 (new)"), lines
 
 
 # --- the binding store, stepped in time ---------------------------------------------------------

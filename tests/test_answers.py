@@ -198,7 +198,7 @@ def test_error_first_stream_everywhere_is_an_error_not_a_success(gateway, upstre
     assert r.status_code == 502
     assert "upstream model crashed" in error_of(r)["message"]
     [flow] = chat_flows(gw, 1)
-    assert "502 stream failed" in flow.comment
+    assert flow.comment.startswith("✗ failed 502") and "| 502 stream |" in flow.comment
     assert "bad (bad#1): 200 stream, first event: upstream model crashed" in flow.comment
 
 

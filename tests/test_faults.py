@@ -76,7 +76,7 @@ def test_failover_before_the_first_byte(gateway, upstreams, fault):
         assert response.headers["x-ccx-attempts"] == "2"
     assert [key_of(x) for x in second.received] == [K2, K2]
     for flow in chat_flows(gw, 2):
-        assert flow.comment.startswith("ccx second (second#1)")
+        assert flow.comment.startswith("✓ second ⟵ first ") and "key second#1" in flow.comment
         assert f"first (first#1): {outcome}" in flow.comment
         assert flow.marked == ":yellow_circle:"
         meta = flow.metadata["ccx"]
@@ -164,7 +164,7 @@ def test_429_cools_the_key_down_and_the_next_key_serves(gateway, upstreams, head
     assert r.status_code == 200 and r.headers["x-ccx-channel"] == "pool"
     [flow] = chat_flows(gw, 1)
     assert flow.metadata["ccx"]["key"] == "pool#2"
-    assert flow.comment.startswith("ccx pool (pool#2)") and "pool (pool#1): 429 rate limited" in flow.comment
+    assert flow.comment.startswith("✓ pool ⟵ pool 429") and "key pool#2" in flow.comment and "pool (pool#1): 429 rate limited" in flow.comment
     assert expected - 1 < cooling(gw, "pool")[0] <= expected
 
     for _ in range(3):  # the cooling key is left alone
@@ -371,7 +371,8 @@ def test_client_leaving_while_waiting_for_headers_cancels_the_upstream(gateway, 
         assert wait_until(lambda: up.aborted == 1 + stream, 3)
         assert time.monotonic() - started < 1.5  # the gateway polls every 0.25 s
     flows = chat_flows(gw, 2)
-    assert all("client disconnected" in f.comment for f in flows)
+    assert all(f.comment.startswith("✂ aborted by client") and f.marked == ":large_blue_circle:" for f in flows)
+    assert all("the client left before any answer" in f.comment for f in flows)
 
 
 def test_client_leaving_mid_stream_cancels_the_upstream(gateway, upstreams):
@@ -386,6 +387,10 @@ def test_client_leaving_mid_stream_cancels_the_upstream(gateway, upstreams):
     assert time.monotonic() - started < 1.5
     [flow] = chat_flows(gw, 1)
     assert flow.metadata["ccx"]["stream_failure"] == "client disconnected mid-stream"
+    # Its own marker and words, said once; the part streamed before the client left is kept.
+    assert flow.comment.startswith("✂ aborted by client main | m→m | 200 stream (partial) | ttft ")
+    assert flow.comment.count("client") == 1 and flow.marked == ":large_blue_circle:"
+    assert b'"role": "assistant"' in flow.response.raw_content
     # The channel did nothing wrong.
     assert health(gw)["main"]["circuit"] == "closed"
     assert ask(gw, stream=True, timeout=5).headers["x-ccx-channel"] == "main"

@@ -245,7 +245,7 @@ def test_failover_to_the_next_channel(gateway, upstreams, failure):
     assert [x.json["model"] for x in second.received] == ["second-model", "second-model"]
     assert second.received[0].headers["authorization"] == f"Bearer {UPSTREAM_KEYS[1]}"
     flow = gw.flows[-1]
-    assert "ccx second" in flow.comment and "after first" in flow.comment
+    assert flow.comment.startswith("✓ second ⟵ first") and "failover after first" in flow.comment
     assert flow.marked == ":yellow_circle:"
 
 
@@ -313,7 +313,7 @@ def test_flow_shows_the_upstream_request_with_keys_masked(gateway, upstreams):
         assert json.loads(flow.request.content)["model"] == "up-model"
         assert flow.request.headers["authorization"] == "Bearer [ccx: redacted]"
         assert "x-ccx-handover" not in flow.request.headers
-        assert flow.comment.startswith("ccx main (main#1) | gpt-5 → up-model | attempt 1/1 | 200")
+        assert flow.comment.startswith("✓ main | gpt-5→up-model | 200")
         assert flow.metadata["ccx"]["upstream_model"] == "up-model"
     streamed = flows[0]
     assert b"data: [DONE]" in streamed.response.content  # the streamed body is kept

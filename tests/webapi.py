@@ -1,4 +1,5 @@
-"""An authenticated client for a mitmweb subprocess's REST API, on every mitmproxy version.
+"""An authenticated client for a mitmweb subprocess's REST API, as its browser app uses it,
+on every mitmproxy version.
 
 mitmweb 11.1.2+ asks for a token itself (`web_password`); on 11.0.x the addon's webauth.py
 adds the same option and check. Either way `--set web_password=...` fixes the token and
@@ -13,6 +14,8 @@ from gateway_process import start_gateway
 from harness import free_port
 
 WEB_PASSWORD = "web-ui-password-for-tests"
+# Every version asks for the token now (webauth.py on 11.0): browsers pass it as ?token=.
+NEEDS_PASSWORD = True
 # mitmweb's POST routes check tornado's XSRF token: cookie and header must agree.
 _XSRF = "ccx-test-xsrf-token"
 
@@ -26,10 +29,16 @@ class WebApi:
         self.client = httpx.Client(base_url=self.base_url, headers=headers,
                                    cookies={"_xsrf": _XSRF, "_mitmproxy_xsrf": _XSRF}, timeout=10)
 
-    def get(self, path: str) -> httpx.Response:
-        response = self.client.get(path)
+    def get(self, path: str, **params) -> httpx.Response:
+        response = self.client.get(path, params=params or None)
         assert response.status_code == 200, (path, response.status_code, response.text[:300])
         return response
+
+    def post(self, path: str, **json) -> httpx.Response:
+        return self.client.post(path, json=json or None)
+
+    def flows(self) -> list[dict]:
+        return self.get("/flows").json()
 
     def wait_until_up(self, timeout: float = 20) -> None:
         """Until the web server answers (with or without this client's token)."""
@@ -41,6 +50,14 @@ class WebApi:
             except httpx.HTTPError:
                 time.sleep(0.1)
         raise TimeoutError("mitmweb's web server did not come up")
+
+    def wait_for_flows(self, predicate, count: int, timeout: float = 10) -> list[dict]:
+        deadline = time.time() + timeout
+        while True:
+            found = [f for f in self.flows() if predicate(f)]
+            if len(found) >= count or time.time() > deadline:
+                return found
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.client.close()
@@ -59,8 +76,9 @@ def start_mitmweb(config_path, workdir, *args: str, env=None):
     api = WebApi(web_port)
     try:
         api.wait_until_up()
-    except Exception:
+    except BaseException:
         gw.stop()
         api.close()
         raise
+    gw.web_port = web_port
     return gw, api
