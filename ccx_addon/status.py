@@ -55,17 +55,22 @@ class StatusView:
     def snapshot(self) -> dict:
         """Non-secret state: key labels, never keys."""
         config, health = self.state.config, self.state.health
+        now = time.time()
+        # Sessions bound per key (affinity) and limits reached (key rpm/concurrency).
+        shared = health.snapshot(now)
         channels = []
         for channel in config.channels:
             pool, breaker = health.pools[channel.name], health.breakers[channel.name]
+            keys = shared[channel.name]["keys"]
             channels.append({
                 "name": channel.name, "active": channel.active,
                 "breaker": {"state": breaker.state, "open_until": breaker.open_until},
-                "keys": [{"key": channel.key_label(i), "disabled": s.disabled or None, "cooling_until": s.cooling_until}
+                "keys": [{"key": channel.key_label(i), "disabled": s.disabled or None, "cooling_until": s.cooling_until,
+                          "sessions": keys[i].get("sessions", 0), "at_limit": keys[i].get("at_limit")}
                          for i, s in enumerate(pool.states) if channel.api_keys],
                 **self.counters.channels[channel.name].as_dict(),
             })
-        return {"since": self.counters.started, "now": time.time(), "channels": channels}
+        return {"since": self.counters.started, "now": now, "channels": channels}
 
     @command.command("ccx.status")
     def status(self) -> str:

@@ -58,12 +58,19 @@ def _int(value) -> int:
 
 
 def key_state(key: dict, now: float) -> str:
+    """`ready`, `cooling until ...`, `disabled because ...` or `at its limit: ...`, then the
+    client sessions bound to the key (session affinity), if any."""
     if key.get("disabled"):
-        return f"disabled because {key['disabled']}"
-    if key.get("cooling_until", 0) > now:
+        state = f"disabled because {key['disabled']}"
+    elif key.get("cooling_until", 0) > now:
         until = time.strftime("%H:%M:%S", time.localtime(key["cooling_until"]))
-        return f"cooling until {until} ({key['cooling_until'] - now:.0f}s)"
-    return "ready"
+        state = f"cooling until {until} ({key['cooling_until'] - now:.0f}s)"
+    elif key.get("at_limit"):
+        state = f"at its limit: {key['at_limit']}"
+    else:
+        state = "ready"
+    sessions = key.get("sessions") or 0
+    return state + (f"; {sessions} session{'s' if sessions != 1 else ''}" if sessions else "")
 
 
 def breaker_state(breaker: dict, now: float) -> str:

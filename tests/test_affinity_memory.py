@@ -62,7 +62,8 @@ async def send_sessions(port: int, first: int, count: int) -> int:
 
 
 def bound_sessions(gw) -> dict[str, int]:
-    payload = httpx.get(gw.url + "/health", timeout=10).json()
+    # /health shows channel state only with the proxy key.
+    payload = httpx.get(gw.url + "/health", headers={"authorization": f"Bearer {PROXY_KEY}"}, timeout=10).json()
     return {k["key"]: k["sessions"] for k in payload["channels"]["pool"]["keys"]}
 
 

@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import os
 import time
 
 import httpx
@@ -30,11 +31,16 @@ def errors(caplog):
 
 
 def rewrite(gw, text: str) -> None:
+    """Replace the config file at once, as editors save (a write in place can be seen half
+    done by the watcher, which then logs an error and keeps the old config)."""
     before = gw.config_path.stat().st_mtime_ns
-    gw.config_path.write_text(text)
-    if gw.config_path.stat().st_mtime_ns == before:  # a coarse clock: make the edit visible
-        time.sleep(0.01)
-        gw.config_path.write_text(text)
+    for _ in range(2):
+        staged = gw.config_path.with_name(gw.config_path.name + ".tmp")
+        staged.write_text(text)
+        os.replace(staged, gw.config_path)
+        if gw.config_path.stat().st_mtime_ns != before:
+            break
+        time.sleep(0.01)  # a coarse clock: make the edit visible
 
 
 def reload_command(gw) -> None:

@@ -118,3 +118,18 @@ def test_counters_take_requests_failures_tokens_and_the_median_first_token():
         **counters.channels["a"].as_dict()}]}, now=100)
     assert "open, next probe in 30s" in text and "key a#2: disabled because 402 payment required" in text
     assert "key a#1: cooling until " in text and "(60s)" in text
+
+
+def test_status_shows_bound_sessions_and_keys_at_their_limit(gateway, upstreams):
+    up = upstreams()
+    keys = f'[{{key: "{UPSTREAM_KEYS[0]}", rpm: 1}}, "{UPSTREAM_KEYS[1]}"]'
+    gw = gateway(config(f"  - name: main\n    base_url: {up.url}/v1\n    api_keys: {keys}\n"))
+    # One session's request: bound to main#1 (the first in rotation), which has used its rpm.
+    assert httpx.post(gw.url + "/v1/chat/completions", json={"model": "m", "messages": []},
+                      headers={"authorization": f"Bearer {PROXY_KEY}", "x-session-id": "ses_status_test_1"},
+                      timeout=10).status_code == 200
+    table = gw.call(gw.master.commands.call, "ccx.status")
+    assert re.search(r"    key main#1: at its limit: rpm 1 reached, a slot frees in \d+s; 1 session\n", table + "\n"), table
+    assert "    key main#2: ready\n" in table + "\n"
+    for secret in UPSTREAM_KEYS:
+        assert secret not in table
