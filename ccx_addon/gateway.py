@@ -14,7 +14,7 @@ from mitmproxy.net.http import url as mitmproxy_url
 
 from . import legacylog
 from .access import model_not_found_message, reject
-from .body import BodyError, parse_chat_request
+from .body import BodyError, ChatRequest, parse_chat_request
 from .encodings import StreamDecoder, encodings_of
 from .errors import display_text
 from .flowsummary import SESSION_HEADERS
@@ -131,10 +131,30 @@ class ChatGateway:
         await self.client.close()
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        """The chat endpoint, step by step: parse, plan, forward (with failover), deliver."""
         record = self.state.records.get(flow)
         if record is None or flow.response or record.endpoint != "chat" or record.rejected:
             return
         config, health = self.state.config, self.state.health
+        if (parsed := self.parse(flow, record)) is None:
+            return
+        chat, body = parsed
+        if (planned := self.plan(flow, record, config, chat)) is None:
+            return
+        plan, image_skips = planned
+        session = health.session_choice(client_session_id(flow.request.headers), time.time())
+        result = await self.forward(flow, record, config, health, plan, chat, body, session)
+        if result is None:
+            return
+        # Channels left out for the request's images show in the attempt record.
+        result.attempts[:0] = [Attempt(name, "-", model, f"skipped: {why}") for name, model, why in image_skips]
+        if session is not None:
+            result.affinity = session.note
+        record.result = result
+        self.deliver(flow, record, result, config, health, chat.model)
+
+    def parse(self, flow: http.HTTPFlow, record: FlowRecord) -> tuple[ChatRequest, bytes] | None:
+        """The client's body, decoded and parsed; None when refused (answered already)."""
         # Decoded here, capped: mitmproxy's own `content` would inflate a gzip bomb whole.
         # A refusal (415, 400, 413) raises RequestRefused, which the guard answers.
         body = decode_body(flow.request.raw_content or b"", flow.request.headers.get("content-encoding", ""),
@@ -143,29 +163,36 @@ class ChatGateway:
             chat = parse_chat_request(body)
         except BodyError as e:
             reject(flow, record, 400, str(e), e.code, e.param)
-            return
+            return None
         record.requested_model = display_text(chat.model)
         record.stream = chat.stream
         record.usage_requested = chat.stream and client_asked_for_usage(body)
+        return chat, body
 
+    @staticmethod
+    def plan(flow: http.HTTPFlow, record: FlowRecord, config, chat: ChatRequest) -> tuple | None:
+        """(the channels to try, the ones its images rule out), or None when no channel can
+        serve (answered already: 404 model_not_found, 400 images_not_supported)."""
         # A replay goes to the channel its flow shows (replay.py).
         plan = pinned_plan(record.pinned_channel, chat.model) if record.pinned_channel else plan_routes(config, chat.model)
         if not plan.routes:
             reject(flow, record, 404, model_not_found_message(chat.model, plan.describe_skipped()),
                    "model_not_found", "model")
-            return
+            return None
         plan, image_skips = image_refusals(plan, chat)
         if not plan.routes:
             reject(flow, record, 400, images_refused_message(chat.model, image_skips),
                    "images_not_supported", "messages")
-            return
+            return None
+        return plan, image_skips
 
-        # Forward in this task; the client watch cancels it if the client leaves meanwhile.
+    async def forward(self, flow, record, config, health, plan, chat, body, session) -> ForwardResult | None:
+        """The attempt loop, in this task; None when the client left meanwhile (the client
+        watch cancels the task, and the upstream request with it)."""
         task = asyncio.current_task()
         self.client_watch.add(task, flow, record)
-        session = health.session_choice(client_session_id(flow.request.headers), time.time())
         try:
-            result = await self.forwarder.forward(
+            return await self.forwarder.forward(
                 config, health, plan, chat, body, flow.request.headers.items(multi=True), session,
             )
         except asyncio.CancelledError:
@@ -173,23 +200,22 @@ class ChatGateway:
                 raise  # cancelled from elsewhere (shutdown)
             task.uncancel()
             flow.kill()
-            return
+            return None
         finally:
             self.client_watch.discard(task)
-        # Channels left out for the request's images show in the attempt record.
-        result.attempts[:0] = [Attempt(name, "-", model, f"skipped: {why}") for name, model, why in image_skips]
-        if session is not None:
-            result.affinity = session.note
-        record.result = result
+
+    def deliver(self, flow, record, result: ForwardResult, config, health, requested_model: str) -> None:
+        """Show what went upstream, then answer: a buffered answer at once, a stream over
+        the hand-over (with reasoning capture and the model rewrite where configured)."""
         self.show_upstream_request(flow, result, config.secrets)
         transforms = self.capture_reasoning(result)
-        rewrite_to = chat.model if result.ok and result.route and config.rewrites_model(result.route.channel) else None
+        rewrite_to = requested_model if result.ok and result.route and config.rewrites_model(result.route.channel) else None
         if result.stream is not None:
             self.hand_over(flow, record, result, health, config.secrets, transforms, rewrite_to)
-        else:
-            if rewrite_to is not None:
-                rewrite_answer_model(result, rewrite_to)
-            self.respond(flow, result, config.secrets)
+            return
+        if rewrite_to is not None:
+            rewrite_answer_model(result, rewrite_to)
+        self.respond(flow, result, config.secrets)
 
     def capture_reasoning(self, result: ForwardResult) -> list:
         """For channels with reasoning passback: remember the answer's reasoning_content, at
