@@ -17,7 +17,7 @@ from mitmproxy import ctx, exceptions
 from .config import Channel
 from .health import HealthRegistry
 from .state import GatewayState
-from .upstream import UpstreamClient, UpstreamError, tls_for, upstream_request_headers
+from .upstream import UpstreamClient, UpstreamError, upstream_request_headers
 
 logger = logging.getLogger(__name__)
 

@@ -206,7 +206,6 @@ class HandoverServer:
         return b""
 
     async def _pump_body(self, stream: PendingStream, writer: asyncio.StreamWriter) -> None:
-        content = stream.response.content
         tail = b"\n\n"  # the last two bytes sent, to end a cut event before an error event
         last = b""
         failure = None

@@ -9,7 +9,6 @@ import asyncio
 import email.utils
 import errno
 import functools
-import json
 import os
 import ssl
 import time
@@ -20,7 +19,6 @@ import aiohttp
 from .config import Channel, Proxy
 from .encodings import DecodeError, decode_body, unsupported_encoding
 from .redact import scrub_text
-from .verdicts import Verdict, judge_answer  # noqa: F401 (re-exported)
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -86,11 +84,6 @@ def parse_retry_after(headers: dict[str, str], now: float) -> float | None:
                 return None
             return max(0.0, when.timestamp() - now)
     return None
-
-
-# What an answer means is decided in verdicts.py, from structured fields only; the old name
-# stays for callers that still use it.
-judge_status = judge_answer
 
 
 class UpstreamError(Exception):

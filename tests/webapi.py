@@ -14,8 +14,6 @@ from gateway_process import start_gateway
 from harness import free_port
 
 WEB_PASSWORD = "web-ui-password-for-tests"
-# Every version asks for the token now (webauth.py on 11.0): browsers pass it as ?token=.
-NEEDS_PASSWORD = True
 # mitmweb's POST routes check tornado's XSRF token: cookie and header must agree.
 _XSRF = "ccx-test-xsrf-token"
 
